@@ -1,0 +1,5 @@
+"""`python -m chatprocessor` runs the CLI."""
+
+from chatprocessor.cli import main
+
+main()

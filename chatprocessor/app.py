@@ -1,0 +1,70 @@
+"""Wires settings into a running service: transport, provider, worker and ops server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from chatprocessor.contracts.chat import ChatCodec
+from chatprocessor.core.worker import Worker, WorkerConfig
+from chatprocessor.ops.server import OpsServer
+from chatprocessor.providers import build_providers
+from chatprocessor.settings import Settings
+from chatprocessor.transports import build_transport
+
+log = logging.getLogger(__name__)
+
+
+def build_worker(settings: Settings) -> Worker:
+    codec = ChatCodec(
+        max_bytes=settings.max_message_bytes,
+        naming=settings.output_naming,
+        bot_user_id=settings.bot_user_id,
+    )
+    config = WorkerConfig(
+        input_queue=settings.rabbitmq_queue_input,
+        output_queue=settings.rabbitmq_queue_output,
+        prefetch=settings.prefetch_count,
+        graceful_timeout=settings.graceful_timeout,
+        system_prompt=settings.system_prompt,
+    )
+    return Worker(build_transport(settings), build_providers(settings), codec, config)
+
+
+async def run_service(settings: Settings, stop: asyncio.Event) -> None:
+    """Run until ``stop`` is set; in-flight jobs get GRACEFUL_TIMEOUT to finish."""
+    worker = build_worker(settings)
+    ops = (
+        OpsServer(worker.readiness, host=settings.ops_host, port=settings.ops_port)
+        if settings.ops_port
+        else None
+    )
+    log.info(
+        "chatprocessor starting: transport=%s providers=%s prefetch=%d",
+        settings.transport,
+        ",".join(settings.providers),
+        settings.prefetch_count,
+    )
+    try:
+        if ops is not None:
+            await ops.start()  # /health answers even while the broker is still coming up
+            log.info("ops server on http://%s:%d (/health /ready /metrics)", ops.host, ops.port)
+        starting = asyncio.create_task(worker.start())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not starting.done():  # stopped while still connecting
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            return
+        starting.result()
+        log.info("ready: waiting for prompts on %r", settings.rabbitmq_queue_input)
+        await worker.run(stop)
+    finally:
+        await worker.transport.close()
+        await worker.provider.close()
+        if ops is not None:
+            await ops.stop()
+        log.info("chatprocessor stopped")

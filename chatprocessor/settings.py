@@ -1,0 +1,144 @@
+"""Every setting, its default and its validation.
+
+Read once at the entry point (``Settings.load()``) from the environment and a
+``.env`` file, then passed down as a typed object. Names and defaults of seed
+000 are kept as they are; the rest are chatprocessor's own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from chatprocessor.core.errors import ConfigError
+
+PROVIDER_NAMES = ("embedded", "ollama", "mock")
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "chatprocessor"
+
+
+class Settings(BaseSettings):
+    """chatprocessor's configuration; each field is an environment variable of the same name."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+    )
+
+    # Seed 000, names and defaults unchanged.
+    rabbitmq_host: str = "localhost"
+    rabbitmq_port: int = Field(5672, ge=1, le=65535)
+    rabbitmq_username: str = "guest"
+    rabbitmq_password: SecretStr = SecretStr("guest")
+    rabbitmq_queue_input: str = Field("UserPromptReceived", min_length=1)
+    rabbitmq_queue_output: str = Field("BotResponseCreated", min_length=1)
+    ollama_base_url: str = "http://localhost:11434"
+    ollama_model: str = Field("llama2", min_length=1)
+    ollama_timeout: float = Field(300.0, gt=0)
+    log_level: str = "INFO"
+    prefetch_count: int = Field(1, ge=1, le=1000)
+
+    # Where jobs come from and who answers them.
+    transport: Literal["local", "rabbitmq"] = "local"
+    providers: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["embedded"])
+
+    # RabbitMQ, beyond the seed.
+    rabbitmq_vhost: str = "/"
+    rabbitmq_heartbeat: int = Field(60, ge=0)
+
+    # Ollama, beyond the seed: connecting fails fast, reading waits OLLAMA_TIMEOUT.
+    ollama_connect_timeout: float = Field(5.0, gt=0)
+
+    # The embedded model (llama-cpp-python with the bundled Gemma 3 270M).
+    embedded_model_path: Path | None = None
+    embedded_context: int = Field(2048, ge=256)
+    embedded_threads: int = Field(0, ge=0)
+    embedded_max_tokens: int = Field(128, ge=1)
+
+    # Jobs and replies.
+    system_prompt: str = ""
+    output_naming: Literal["snake", "camel", "pascal"] = "snake"
+    bot_user_id: int = 0
+    max_message_bytes: int = Field(1_048_576, ge=256)
+    graceful_timeout: float = Field(30.0, ge=0)
+
+    # Local transport and files.
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    local_visibility_timeout: float = Field(30.0, gt=0)
+
+    # Operations.
+    ops_host: str = "0.0.0.0"
+    ops_port: int = Field(8001, ge=0, le=65535)
+    log_file: str = "chatprocessor.log"
+    log_format: Literal["text", "json"] = "text"
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _split_providers(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part.strip().lower() for part in value.split(",") if part.strip()]
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("at least one provider is needed")
+            unknown = [name for name in value if name not in PROVIDER_NAMES]
+            if unknown:
+                choices = ", ".join(PROVIDER_NAMES)
+                raise ValueError(f"unknown provider(s) {', '.join(unknown)}; choose from {choices}")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _check_level(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip().upper()
+            if value not in logging.getLevelNamesMapping():
+                raise ValueError("expected DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return value
+
+    @field_validator("transport", "log_format", "output_naming", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @property
+    def rabbitmq_url(self) -> str:
+        """AMQP URL including the password; never log it, log ``rabbitmq_safe_url``."""
+        from urllib.parse import quote
+
+        return (
+            f"amqp://{quote(self.rabbitmq_username, safe='')}:"
+            f"{quote(self.rabbitmq_password.get_secret_value(), safe='')}@"
+            f"{self.rabbitmq_host}:{self.rabbitmq_port}/{quote(self.rabbitmq_vhost, safe='')}"
+            f"?heartbeat={self.rabbitmq_heartbeat}"
+        )
+
+    @property
+    def rabbitmq_safe_url(self) -> str:
+        """The broker address for logs, without the password."""
+        return f"amqp://{self.rabbitmq_username}:***@{self.rabbitmq_host}:{self.rabbitmq_port}/"
+
+    @classmethod
+    def load(cls, **overrides: Any) -> Settings:
+        """Read the environment and ``.env``; raise ConfigError naming each bad variable."""
+        try:
+            return cls(**overrides)
+        except ValidationError as exc:
+            raise ConfigError(describe_validation_error(exc)) from exc
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line per bad variable, named as the user writes it in the environment."""
+    lines = []
+    for error in exc.errors():
+        name = str(error["loc"][0]).upper() if error["loc"] else "?"
+        given = error.get("input")
+        shown = "" if isinstance(given, dict) or name.endswith("PASSWORD") else f" (got {given!r})"
+        lines.append(f"{name}: {error['msg']}{shown}")
+    return "invalid configuration: " + "; ".join(lines)

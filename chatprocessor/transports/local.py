@@ -1,0 +1,347 @@
+"""The embedded default: a durable queue in one SQLite file, shared by processes on the machine.
+
+Hand-written because no maintained library offers what the worker needs from a
+queue: named queues in one file, claims with a visibility timeout that a
+live worker keeps renewing (so a job held by a dead process comes back), and
+a dead-letter table. persist-queue and litequeue offer one queue per table and
+no lease renewal. SQLite's WAL mode lets several processes read and write the
+file; a claim is one atomic ``UPDATE ... RETURNING``.
+
+All SQLite calls run on one private thread, so the event loop never waits on
+the disk or on another process's lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+
+from chatprocessor.core.errors import BrokerUnavailable, PublishFailed
+from chatprocessor.transports.base import Delivery, Outgoing
+
+T = TypeVar("T")
+
+REPLY_PREFIX = "reply."
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue TEXT NOT NULL,
+    body BLOB NOT NULL,
+    message_id TEXT,
+    correlation_id TEXT,
+    reply_to TEXT,
+    type TEXT,
+    headers BLOB,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    visible_at REAL NOT NULL,
+    lease TEXT,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_ready ON messages (queue, visible_at, id);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue TEXT NOT NULL,
+    body BLOB NOT NULL,
+    message_id TEXT,
+    correlation_id TEXT,
+    reply_to TEXT,
+    type TEXT,
+    headers BLOB,
+    attempts INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    failed_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS reply_queues (name TEXT PRIMARY KEY, created_at REAL NOT NULL);
+"""
+_COLUMNS = "id, body, message_id, correlation_id, reply_to, type, headers, attempts"
+_IDLE_POLL_MIN = 0.005
+_IDLE_POLL_MAX = 0.1
+
+
+class LocalDelivery(Delivery):
+    """A claimed row; settling it deletes or moves the row if the lease is still ours."""
+
+    def __init__(self, transport: LocalTransport, row: tuple[Any, ...], lease: str) -> None:
+        self._transport = transport
+        self.row_id: int = row[0]
+        self.body = bytes(row[1])
+        self.message_id = row[2]
+        self.correlation_id = row[3]
+        self.reply_to = row[4]
+        self.type = row[5]
+        self.headers = orjson.loads(row[6]) if row[6] else {}
+        self.attempts: int = row[7]
+        self.redelivered = self.attempts > 1
+        self.lease = lease
+        self.settled = False
+
+    async def _settle(self, fn: Callable[[sqlite3.Connection], None]) -> None:
+        if self.settled:
+            return
+        self.settled = True
+        await self._transport._settle(self, fn)
+
+    async def ack(self) -> None:
+        def delete(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM messages WHERE id = ? AND lease = ?", (self.row_id, self.lease))
+
+        await self._settle(delete)
+
+    async def dead_letter(self, reason: str) -> None:
+        def move(db: sqlite3.Connection) -> None:
+            moved = db.execute(
+                "INSERT INTO dead_letters (queue, body, message_id, correlation_id, reply_to, type,"
+                " headers, attempts, reason, failed_at) SELECT queue, body, message_id,"
+                " correlation_id, reply_to, type, headers, attempts, ?, ? FROM messages"
+                " WHERE id = ? AND lease = ?",
+                (reason, time.time(), self.row_id, self.lease),
+            ).rowcount
+            if moved:
+                db.execute("DELETE FROM messages WHERE id = ?", (self.row_id,))
+
+        await self._settle(move)
+
+    async def release(self) -> None:
+        def put_back(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE messages SET visible_at = ?, lease = NULL WHERE id = ? AND lease = ?",
+                (time.time(), self.row_id, self.lease),
+            )
+
+        await self._settle(put_back)
+
+
+class LocalReplyQueue:
+    """A private queue in the same file; deleted with its leftovers on close."""
+
+    def __init__(self, transport: LocalTransport, name: str) -> None:
+        self._transport = transport
+        self.name = name
+
+    async def messages(self) -> AsyncIterator[Delivery]:
+        async for delivery in self._transport.consume(self.name, prefetch=1):
+            await delivery.ack()
+            yield delivery
+
+    async def close(self) -> None:
+        def drop(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM reply_queues WHERE name = ?", (self.name,))
+            db.execute("DELETE FROM messages WHERE queue = ?", (self.name,))
+
+        await self._transport._run(drop, commit=True)
+
+
+class LocalTransport:
+    """Durable named queues in a SQLite file (``DATA_DIR/queue.sqlite3``)."""
+
+    def __init__(self, path: Path, *, visibility_timeout: float = 30.0) -> None:
+        self.path = Path(path)
+        self.visibility_timeout = visibility_timeout
+        self._executor: ThreadPoolExecutor | None = None
+        self._db: sqlite3.Connection | None = None
+        self._held: dict[int, LocalDelivery] = {}
+        self._slots: dict[int, asyncio.Semaphore] = {}
+        self._renewer: asyncio.Task[None] | None = None
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T], *, commit: bool = False) -> T:
+        if self._executor is None or self._db is None:
+            raise BrokerUnavailable("local queue is not connected")
+        db = self._db
+
+        def call() -> T:
+            try:
+                if commit:
+                    with db:  # one transaction, committed or rolled back
+                        return fn(db)
+                return fn(db)
+            except sqlite3.Error as exc:
+                raise BrokerUnavailable(f"local queue {self.path}: {exc}") from exc
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    async def connect(self) -> None:
+        if self._db is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-queue")
+
+        def open_db() -> sqlite3.Connection:
+            db = sqlite3.connect(
+                self.path, timeout=30, isolation_level=None, check_same_thread=False
+            )
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")  # a committed job survives a power cut
+            db.executescript(_SCHEMA)
+            return db
+
+        try:
+            self._db = await asyncio.get_running_loop().run_in_executor(self._executor, open_db)
+        except sqlite3.Error as exc:
+            raise BrokerUnavailable(f"cannot open local queue {self.path}: {exc}") from exc
+        self._renewer = asyncio.create_task(self._renew_leases(), name="local-queue-leases")
+
+    async def declare(self, queue: str) -> None:
+        """Queues exist implicitly in the table; nothing to declare."""
+
+    async def publish(self, destination: str, message: Outgoing) -> None:
+        def insert(db: sqlite3.Connection) -> None:
+            if (
+                destination.startswith(REPLY_PREFIX)
+                and not db.execute(
+                    "SELECT 1 FROM reply_queues WHERE name = ?", (destination,)
+                ).fetchone()
+            ):
+                raise PublishFailed(f"reply queue {destination} does not exist (requester gone)")
+            now = time.time()
+            db.execute(
+                "INSERT INTO messages (queue, body, message_id, correlation_id, reply_to, type,"
+                " headers, visible_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    destination,
+                    message.body,
+                    message.message_id,
+                    message.correlation_id,
+                    message.reply_to,
+                    message.type,
+                    orjson.dumps(message.headers) if message.headers else None,
+                    now,
+                    now,
+                ),
+            )
+
+        await self._run(insert, commit=True)
+
+    async def _claim(self, queue: str) -> LocalDelivery | None:
+        lease = uuid.uuid4().hex
+
+        def claim(db: sqlite3.Connection) -> tuple[Any, ...] | None:
+            now = time.time()
+            row: tuple[Any, ...] | None = db.execute(
+                "UPDATE messages SET visible_at = ?, lease = ?, attempts = attempts + 1"
+                " WHERE id = (SELECT id FROM messages WHERE queue = ? AND visible_at <= ?"
+                f" ORDER BY id LIMIT 1) RETURNING {_COLUMNS}",
+                (now + self.visibility_timeout, lease, queue, now),
+            ).fetchone()
+            return row
+
+        row = await self._run(claim, commit=True)
+        if row is None:
+            return None
+        delivery = LocalDelivery(self, row, lease)
+        self._held[delivery.row_id] = delivery
+        return delivery
+
+    async def consume(self, queue: str, prefetch: int) -> AsyncIterator[Delivery]:
+        slots = asyncio.Semaphore(prefetch)
+        idle = _IDLE_POLL_MIN
+        while True:
+            await slots.acquire()
+            try:
+                delivery = await self._claim(queue)
+            except BaseException:
+                slots.release()
+                raise
+            if delivery is None:
+                slots.release()
+                await asyncio.sleep(idle)  # no wake-up across processes: poll, backing off
+                idle = min(idle * 2, _IDLE_POLL_MAX)
+                continue
+            idle = _IDLE_POLL_MIN
+            self._slots[delivery.row_id] = slots
+            yield delivery
+
+    async def _settle(
+        self, delivery: LocalDelivery, fn: Callable[[sqlite3.Connection], None]
+    ) -> None:
+        try:
+            await self._run(fn, commit=True)
+        finally:
+            self._held.pop(delivery.row_id, None)
+            slots = self._slots.pop(delivery.row_id, None)
+            if slots is not None:
+                slots.release()
+
+    async def _renew_leases(self) -> None:
+        """Keep our claims invisible to others while we work on them."""
+        interval = self.visibility_timeout / 3
+        while True:
+            await asyncio.sleep(interval)
+            held = [(d.row_id, d.lease) for d in self._held.values()]
+            if not held:
+                continue
+
+            def renew(db: sqlite3.Connection, held: list[tuple[int, str]] = held) -> None:
+                until = time.time() + self.visibility_timeout
+                db.executemany(
+                    "UPDATE messages SET visible_at = ? WHERE id = ? AND lease = ?",
+                    [(until, row_id, lease) for row_id, lease in held],
+                )
+
+            with contextlib.suppress(BrokerUnavailable):
+                await self._run(renew, commit=True)
+
+    async def open_reply_queue(self) -> LocalReplyQueue:
+        name = f"{REPLY_PREFIX}{uuid.uuid4().hex}"
+
+        def create(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT INTO reply_queues (name, created_at) VALUES (?, ?)", (name, time.time())
+            )
+
+        await self._run(create, commit=True)
+        return LocalReplyQueue(self, name)
+
+    async def depth(self, queue: str) -> int:
+        """Messages waiting or in flight on ``queue``."""
+
+        def count(db: sqlite3.Connection) -> int:
+            return int(
+                db.execute("SELECT COUNT(*) FROM messages WHERE queue = ?", (queue,)).fetchone()[0]
+            )
+
+        return await self._run(count)
+
+    async def dead_letters(self, queue: str) -> list[dict[str, Any]]:
+        """Dead-lettered messages of ``queue``, oldest first, with their reasons."""
+
+        def rows(db: sqlite3.Connection) -> list[dict[str, Any]]:
+            cursor = db.execute(
+                "SELECT id, body, message_id, attempts, reason, failed_at FROM dead_letters"
+                " WHERE queue = ? ORDER BY id",
+                (queue,),
+            )
+            names = [c[0] for c in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+        return await self._run(rows)
+
+    async def ping(self) -> bool:
+        try:
+            await self._run(lambda db: db.execute("SELECT 1").fetchone())
+        except BrokerUnavailable:
+            return False
+        return True
+
+    async def close(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
+            self._renewer = None
+        for delivery in list(self._held.values()):
+            with contextlib.suppress(BrokerUnavailable):
+                await delivery.release()
+        if self._db is not None and self._executor is not None:
+            db, self._db = self._db, None
+            await asyncio.get_running_loop().run_in_executor(self._executor, db.close)
+            self._executor.shutdown(wait=False)
+            self._executor = None

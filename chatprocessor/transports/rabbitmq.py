@@ -1,0 +1,215 @@
+"""RabbitMQ on aio-pika: robust connection, durable queues, persistent messages, confirms.
+
+Two channels: one consumes (its QoS is the prefetch), one publishes with
+publisher confirms, so a slow consumer never holds up a confirm. Every publish
+is ``mandatory``: a reply to a queue that does not exist comes back as
+PublishFailed instead of vanishing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractIncomingMessage,
+    AbstractRobustConnection,
+)
+
+from chatprocessor.core.errors import BrokerUnavailable, PublishFailed
+from chatprocessor.transports.base import Delivery, Outgoing
+
+log = logging.getLogger(__name__)
+
+_BACKOFF_START = 0.5
+_BACKOFF_CAP = 30.0
+_CONNECTION_ERRORS = (
+    aiormq.exceptions.AMQPConnectionError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    ConnectionError,
+    OSError,
+    asyncio.TimeoutError,
+)
+
+POLICY_ADVICE = (
+    "queue {queue!r} already exists with other arguments, so chatprocessor uses it as it is "
+    "(passive declare). To add dead-lettering or other arguments without redeclaring it, set a "
+    "policy instead, e.g.: rabbitmqctl set_policy chatprocessor-dlx '^{queue}$' "
+    '\'{{"dead-letter-exchange":"","dead-letter-routing-key":"{queue}.dlq"}}\' '
+    "--apply-to queues"
+)
+
+
+class RabbitDelivery(Delivery):
+    """An AMQP message; settling it acks, rejects or requeues on its channel."""
+
+    def __init__(self, message: AbstractIncomingMessage) -> None:
+        self._message = message
+        self.body = message.body
+        self.message_id = message.message_id
+        self.correlation_id = message.correlation_id
+        self.reply_to = message.reply_to
+        self.type = message.type
+        self.headers = dict(message.headers or {})
+        self.redelivered = bool(message.redelivered)
+
+    async def _settle(self, action: str, **kwargs: Any) -> None:
+        try:
+            await getattr(self._message, action)(**kwargs)
+        except _CONNECTION_ERRORS as exc:
+            # The channel died with the connection: the broker already put the
+            # message back and will redeliver it, which is the at-least-once promise.
+            log.warning(
+                "could not %s message %s (%s); the broker will redeliver it",
+                action,
+                self.message_id,
+                exc,
+            )
+
+    async def ack(self) -> None:
+        await self._settle("ack")
+
+    async def dead_letter(self, reason: str) -> None:
+        # Without requeue: the queue's dead-letter exchange (if any, e.g. by policy) gets it.
+        await self._settle("reject", requeue=False)
+
+    async def release(self) -> None:
+        await self._settle("nack", requeue=True)
+
+
+class RabbitReplyQueue:
+    """An exclusive, auto-deleted, server-named queue: private to one client connection."""
+
+    def __init__(self, queue: aio_pika.abc.AbstractQueue) -> None:
+        self._queue = queue
+        self.name = queue.name
+
+    async def messages(self) -> AsyncIterator[Delivery]:
+        async with self._queue.iterator(no_ack=True) as iterator:
+            async for message in iterator:
+                yield RabbitDelivery(message)
+
+    async def close(self) -> None:
+        with contextlib.suppress(*_CONNECTION_ERRORS):
+            await self._queue.delete(if_unused=False, if_empty=False)
+
+
+class RabbitMQTransport:
+    """A RabbitMQ broker reached through one robust connection."""
+
+    def __init__(self, url: str, *, safe_url: str | None = None) -> None:
+        self._url = url
+        self._safe_url = safe_url or "the broker"
+        self._connection: AbstractRobustConnection | None = None
+        self._publish_channel: AbstractChannel | None = None
+        self._publish_exchange: aio_pika.abc.AbstractExchange | None = None
+        self._consume_channels: list[AbstractChannel] = []
+        self.existing_queues: set[str] = set()
+
+    @property
+    def connection(self) -> AbstractRobustConnection:
+        if self._connection is None:
+            raise BrokerUnavailable("not connected to RabbitMQ")
+        return self._connection
+
+    async def connect(self, *, attempts: int | None = None) -> None:
+        """Connect, retrying with exponential backoff; ``attempts=None`` retries forever."""
+        delay = _BACKOFF_START
+        tried = 0
+        while True:
+            tried += 1
+            try:
+                self._connection = await aio_pika.connect_robust(self._url, timeout=10)
+                break
+            except _CONNECTION_ERRORS as exc:
+                if attempts is not None and tried >= attempts:
+                    raise BrokerUnavailable(
+                        f"cannot reach RabbitMQ at {self._safe_url}: {exc}"
+                    ) from exc
+                log.warning(
+                    "RabbitMQ at %s not reachable (%s); retrying in %.1fs",
+                    self._safe_url,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _BACKOFF_CAP)
+        self._publish_channel = await self._connection.channel(publisher_confirms=True)
+        self._publish_exchange = self._publish_channel.default_exchange
+        log.info("connected to RabbitMQ at %s", self._safe_url)
+
+    async def declare(self, queue: str) -> None:
+        """Declare durable; a queue declared otherwise is used as it is, with advice logged."""
+        channel = await self.connection.channel()
+        try:
+            await channel.declare_queue(queue, durable=True)
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            log.warning("%s (broker said: %s)", POLICY_ADVICE.format(queue=queue), exc)
+            self.existing_queues.add(queue)
+            channel = await self.connection.channel()
+            await channel.declare_queue(queue, passive=True)
+        finally:
+            with contextlib.suppress(*_CONNECTION_ERRORS, aiormq.exceptions.ChannelClosed):
+                await channel.close()
+
+    async def consume(self, queue: str, prefetch: int) -> AsyncIterator[Delivery]:
+        # The channel outlives the consumer: deliveries still being processed when
+        # consuming stops are acked on it later. close() closes it.
+        channel = await self.connection.channel()
+        self._consume_channels.append(channel)
+        await channel.set_qos(prefetch_count=prefetch)
+        amqp_queue = await channel.get_queue(queue, ensure=True)
+        async with amqp_queue.iterator() as iterator:  # exit cancels the consumer
+            async for message in iterator:
+                yield RabbitDelivery(message)
+
+    async def publish(self, destination: str, message: Outgoing) -> None:
+        if self._publish_exchange is None:
+            raise BrokerUnavailable("not connected to RabbitMQ")
+        amqp_message = aio_pika.Message(
+            message.body,
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=message.message_id,
+            correlation_id=message.correlation_id,
+            reply_to=message.reply_to,
+            type=message.type,
+            headers=message.headers or None,
+        )
+        try:
+            await self._publish_exchange.publish(amqp_message, destination, mandatory=True)
+        except aiormq.exceptions.PublishError as exc:
+            raise PublishFailed(f"queue {destination!r} does not exist: message returned") from exc
+        except aiormq.exceptions.DeliveryError as exc:
+            raise PublishFailed(f"broker refused the message for {destination!r}") from exc
+        except _CONNECTION_ERRORS as exc:
+            raise BrokerUnavailable(f"publish to {destination!r} failed: {exc}") from exc
+
+    async def open_reply_queue(self) -> RabbitReplyQueue:
+        channel = await self.connection.channel()
+        queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
+        return RabbitReplyQueue(queue)
+
+    async def ping(self) -> bool:
+        return (
+            self._connection is not None
+            and not self._connection.is_closed
+            and self._publish_channel is not None
+            and not self._publish_channel.is_closed
+        )
+
+    async def close(self) -> None:
+        for channel in self._consume_channels:
+            with contextlib.suppress(*_CONNECTION_ERRORS, aiormq.exceptions.ChannelClosed):
+                await channel.close()
+        self._consume_channels.clear()
+        if self._connection is not None:
+            connection, self._connection = self._connection, None
+            with contextlib.suppress(*_CONNECTION_ERRORS):
+                await connection.close()

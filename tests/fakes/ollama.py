@@ -1,0 +1,560 @@
+"""A fake Ollama HTTP server (aiohttp) for tests and benchmarks.
+
+It speaks the same REST protocol as Ollama (``/api/chat``, ``/api/generate``,
+``/api/embed``, ``/api/tags``, ``/api/pull``, ``/api/version``, ``/``), so the
+official ``ollama`` client and our own providers can be pointed at ``fake.url``.
+
+Usage::
+
+    async with FakeOllama(models=["llama2"], latency=0.1) as fake:
+        client = ollama.AsyncClient(host=fake.url)
+        ...
+        fake.fail_next(1, status=503)
+        assert fake.max_in_flight <= 2
+
+Inference endpoints (chat, generate, embed) go through the same pipeline as in
+Ollama: validation (400 / 404 answered at once), the concurrency queue
+(``max_concurrency``), ``latency``, then the answer or the injected failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import Enum
+from types import TracebackType
+from typing import Any, Self
+
+from aiohttp import web
+
+__all__ = ["FakeOllama"]
+
+JSONDict = dict[str, Any]
+
+NDJSON = "application/x-ndjson"
+MID_STREAM_ERROR = "an error was encountered while running the model: unexpected EOF"
+_DEFAULT_ERRORS: dict[int, str] = {
+    400: "invalid request",
+    404: "not found",
+    429: "too many requests",
+    500: "llama runner process has terminated: exit status 2",
+    502: "bad gateway",
+    503: "server busy, please try again.  maximum pending requests exceeded",
+    504: "gateway timeout",
+}
+_CHUNK_RE = re.compile(r"\S+\s*")
+_EMBED_DIM = 8
+
+
+class _Fault(Enum):
+    """Failure injected into one inference request."""
+
+    NONE = "none"
+    HANG = "hang"
+    FAIL = "fail"
+    MID_STREAM = "mid_stream"
+
+
+def normalize_model(name: str) -> str:
+    """Return ``name`` with ``:latest`` appended when it carries no tag."""
+    last = name.rsplit("/", 1)[-1]
+    return name if ":" in last else f"{name}:latest"
+
+
+def split_chunks(text: str) -> list[str]:
+    """Split an answer into token-ish chunks (words with their trailing spaces)."""
+    chunks: list[str] = _CHUNK_RE.findall(text)
+    lead = text[: len(text) - len(text.lstrip())]
+    if lead and chunks:
+        chunks[0] = lead + chunks[0]
+    elif lead:
+        chunks = [lead]
+    return chunks
+
+
+def fake_embedding(text: str, dim: int = _EMBED_DIM) -> list[float]:
+    """Deterministic L2-normalised vector derived from sha256(text)."""
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    raw = [(int.from_bytes(digest[2 * i : 2 * i + 2], "big") / 32767.5) - 1.0 for i in range(dim)]
+    norm = math.sqrt(sum(v * v for v in raw)) or 1.0
+    return [v / norm for v in raw]
+
+
+def _now() -> str:
+    """RFC 3339 timestamp like Ollama's ``created_at``."""
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _word_count(text: str) -> int:
+    """Number of whitespace-separated words in ``text``."""
+    return len(text.split())
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    """JSON error response shaped like Ollama's ``{"error": ...}``."""
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+@dataclass(frozen=True, slots=True)
+class _Completion:
+    """A parsed chat/generate request."""
+
+    chat: bool
+    model: str
+    prompt: str
+    prompt_words: int
+    streaming: bool
+    num_predict: int | None
+    started: int
+
+    @property
+    def key(self) -> str:
+        """Field holding the answer: ``message`` (chat) or ``response`` (generate)."""
+        return "message" if self.chat else "response"
+
+    def payload(self, content: str) -> Any:
+        """The answer field's value for ``content``."""
+        return {"role": "assistant", "content": content} if self.chat else content
+
+    @classmethod
+    def parse(cls, body: JSONDict, *, chat: bool, started: int) -> _Completion | web.Response:
+        """Extract what the fake needs from a validated request body (or a 400)."""
+        if chat:
+            messages = body.get("messages") or []
+            if not isinstance(messages, list):
+                return _error(400, "messages must be a list")
+            prompt = _last_user_content(messages)
+            prompt_words = sum(
+                _word_count(str(m.get("content") or "")) for m in messages if isinstance(m, dict)
+            )
+        else:
+            prompt = str(body.get("prompt") or "")
+            prompt_words = _word_count(prompt) + _word_count(str(body.get("system") or ""))
+        options = body.get("options")
+        num_predict = options.get("num_predict") if isinstance(options, dict) else None
+        if not isinstance(num_predict, int) or isinstance(num_predict, bool) or num_predict < 0:
+            num_predict = None  # Ollama: -1 / -2 mean "no limit"
+        return cls(
+            chat=chat,
+            model=str(body["model"]),
+            prompt=prompt,
+            prompt_words=prompt_words,
+            streaming=body.get("stream", True) is not False,
+            num_predict=num_predict,
+            started=started,
+        )
+
+
+class FakeOllama:
+    """In-process fake Ollama server bound to 127.0.0.1 on an ephemeral port."""
+
+    def __init__(
+        self,
+        *,
+        models: list[str] | None = None,
+        latency: float = 0.0,
+        token_delay: float = 0.0,
+        max_concurrency: int | None = None,
+        reply: Callable[[str], str] | None = None,
+        retry_after: float | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        """Configure the fake; nothing listens until :meth:`start`."""
+        self.models: list[str] = [normalize_model(m) for m in (models or ["llama2"])]
+        self.latency = latency
+        self.token_delay = token_delay
+        self.max_concurrency = max_concurrency
+        self.reply: Callable[[str], str] = reply or (lambda prompt: f"Echo: {prompt}")
+        self.retry_after = retry_after
+        self.host = host
+        self.port = port
+
+        self.requests: list[JSONDict] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+
+        self._fail_remaining = 0
+        self._fail_status = 500
+        self._fail_body: str | None = None
+        self._mid_stream_remaining = 0
+        self._hang_remaining = 0
+
+        self._semaphore: asyncio.Semaphore | None = (
+            asyncio.Semaphore(max_concurrency) if max_concurrency is not None else None
+        )
+        self._closing = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self._url: str | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def url(self) -> str:
+        """Base URL, e.g. ``http://127.0.0.1:54321`` (only once started)."""
+        if self._url is None:
+            raise RuntimeError("FakeOllama is not started")
+        return self._url
+
+    async def start(self) -> None:
+        """Start listening; afterwards :attr:`url` is available."""
+        if self._runner is not None:
+            return
+        self._closing = asyncio.Event()
+        app = web.Application()
+        app.router.add_get("/", self._handle_root)
+        app.router.add_get("/api/version", self._handle_version)
+        app.router.add_get("/api/tags", self._handle_tags)
+        app.router.add_post("/api/chat", self._handle_chat)
+        app.router.add_post("/api/generate", self._handle_generate)
+        app.router.add_post("/api/embed", self._handle_embed)
+        app.router.add_post("/api/pull", self._handle_pull)
+        # handler_cancellation: a client that gives up frees its slot, as in Ollama.
+        runner = web.AppRunner(
+            app, handler_cancellation=True, shutdown_timeout=1.0, access_log=None
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self.port)
+        await site.start()
+        self._runner = runner
+        port = int(runner.addresses[0][1])
+        self.port = port
+        self._url = f"http://{self.host}:{port}"
+
+    async def stop(self) -> None:
+        """Stop the server; hung requests are released first."""
+        self._closing.set()
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def __aenter__(self) -> Self:
+        """Start the server."""
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Stop the server."""
+        await self.stop()
+
+    # ------------------------------------------------------------ fault injection
+
+    def fail_next(self, n: int, status: int = 500, body: str | None = None) -> None:
+        """Make the next ``n`` chat/generate requests answer ``status`` with ``{"error": body}``."""
+        self._fail_remaining = n
+        self._fail_status = status
+        self._fail_body = body
+
+    def fail_mid_stream_next(self, n: int) -> None:
+        """Make the next ``n`` streaming chat/generate requests break after 1-2 chunks."""
+        self._mid_stream_remaining = n
+
+    def hang_next(self, n: int) -> None:
+        """Make the next ``n`` chat/generate requests never answer (until stop/disconnect)."""
+        self._hang_remaining = n
+
+    def reset(self) -> None:
+        """Clear injected faults and observations."""
+        self._fail_remaining = self._mid_stream_remaining = self._hang_remaining = 0
+        self.requests.clear()
+        self.in_flight = self.max_in_flight = 0
+
+    def add_model(self, name: str) -> None:
+        """Make ``name`` available (as ``/api/pull`` does)."""
+        full = normalize_model(name)
+        if full not in self.models:
+            self.models.append(full)
+
+    def has_model(self, name: str) -> bool:
+        """Whether ``name`` is known ("llama2" and "llama2:latest" are the same)."""
+        return normalize_model(name) in self.models
+
+    def _take_fault(self, streaming: bool) -> _Fault:
+        """Consume at most one injected fault for the current request."""
+        if self._hang_remaining > 0:
+            self._hang_remaining -= 1
+            return _Fault.HANG
+        if self._fail_remaining > 0:
+            self._fail_remaining -= 1
+            return _Fault.FAIL
+        if streaming and self._mid_stream_remaining > 0:
+            self._mid_stream_remaining -= 1
+            return _Fault.MID_STREAM
+        return _Fault.NONE
+
+    def _injected_error(self) -> web.Response:
+        """The response configured by :meth:`fail_next`."""
+        status = self._fail_status
+        message = self._fail_body or _DEFAULT_ERRORS.get(status, f"injected failure ({status})")
+        headers: dict[str, str] | None = None
+        if status == 429 and self.retry_after is not None:
+            ra = self.retry_after
+            headers = {"Retry-After": str(int(ra)) if float(ra).is_integer() else str(ra)}
+        return _error(status, message, headers)
+
+    # --------------------------------------------------------------------- helpers
+
+    async def _record(self, request: web.Request) -> Any:
+        """Record the request; return its parsed JSON body (None if empty, ValueError if bad)."""
+        raw = await request.read()
+        body: Any = None
+        if raw:
+            try:
+                body = json.loads(raw)
+            except ValueError as exc:
+                body = exc
+        entry: JSONDict = {"method": request.method, "path": request.path}
+        entry["body"] = None if isinstance(body, ValueError) else body
+        self.requests.append(entry)
+        return body
+
+    async def _read_json(self, request: web.Request) -> JSONDict | web.Response:
+        """Record a POST request and return its JSON object body, or a 400 response."""
+        body = await self._record(request)
+        if isinstance(body, ValueError):
+            return _error(400, f"invalid JSON in request body: {body}")
+        if not isinstance(body, dict):
+            return _error(400, "missing request body")
+        return body
+
+    def _check_model(self, body: JSONDict) -> web.Response | None:
+        """400 when the model is missing, 404 when it is unknown."""
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            return _error(400, "model is required")
+        if not self.has_model(model):
+            return _error(404, f'model "{model}" not found, try pulling it first')
+        return None
+
+    async def _acquire(self) -> None:
+        """Wait for a processing slot, then count the request as in flight."""
+        if self._semaphore is not None:
+            await self._semaphore.acquire()
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
+    def _release(self) -> None:
+        """Free the processing slot."""
+        self.in_flight -= 1
+        if self._semaphore is not None:
+            self._semaphore.release()
+
+    async def _hang(self) -> web.Response:
+        """Block until the server stops (or the client disconnects and we are cancelled)."""
+        await self._closing.wait()
+        return _error(503, "server shutting down")
+
+    # -------------------------------------------------------------------- handlers
+
+    async def _handle_root(self, request: web.Request) -> web.Response:
+        """``GET /``."""
+        await self._record(request)
+        return web.Response(text="Ollama is running", content_type="text/plain")
+
+    async def _handle_version(self, request: web.Request) -> web.Response:
+        """``GET /api/version``."""
+        await self._record(request)
+        return web.json_response({"version": "0.0.0-fake"})
+
+    async def _handle_tags(self, request: web.Request) -> web.Response:
+        """``GET /api/tags``: one entry per configured model."""
+        await self._record(request)
+        models = []
+        for name in self.models:
+            digest = hashlib.sha256(name.encode()).hexdigest()
+            models.append(
+                {
+                    "name": name,
+                    "model": name,
+                    "modified_at": "2024-01-01T00:00:00.000000000Z",
+                    "size": 3_825_819_519,
+                    "digest": digest,
+                    "details": {
+                        "parent_model": "",
+                        "format": "gguf",
+                        "family": "llama",
+                        "families": ["llama"],
+                        "parameter_size": "7B",
+                        "quantization_level": "Q4_0",
+                    },
+                }
+            )
+        return web.json_response({"models": models})
+
+    async def _handle_chat(self, request: web.Request) -> web.StreamResponse:
+        """``POST /api/chat``."""
+        return await self._handle_completion(request, chat=True)
+
+    async def _handle_generate(self, request: web.Request) -> web.StreamResponse:
+        """``POST /api/generate``."""
+        return await self._handle_completion(request, chat=False)
+
+    async def _handle_completion(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
+        """Shared pipeline of chat and generate."""
+        started = time.perf_counter_ns()
+        body = await self._read_json(request)
+        if isinstance(body, web.Response):
+            return body
+        if (error := self._check_model(body)) is not None:
+            return error
+        job = _Completion.parse(body, chat=chat, started=started)
+        if isinstance(job, web.Response):
+            return job
+
+        fault = self._take_fault(job.streaming)
+        await self._acquire()
+        try:
+            if self.latency > 0:
+                await asyncio.sleep(self.latency)
+            if fault is _Fault.HANG:
+                return await self._hang()
+            if fault is _Fault.FAIL:
+                return self._injected_error()
+            chunks = split_chunks(self.reply(job.prompt))
+            done_reason = "stop"
+            if job.num_predict is not None and len(chunks) > job.num_predict:
+                chunks = chunks[: job.num_predict]
+                done_reason = "length"
+            if not job.streaming:
+                if self.token_delay > 0 and chunks:
+                    await asyncio.sleep(self.token_delay * len(chunks))
+                return web.json_response(self._final(job, chunks, done_reason))
+            return await self._stream(request, job, chunks, done_reason, fault)
+        finally:
+            self._release()
+
+    async def _stream(
+        self,
+        request: web.Request,
+        job: _Completion,
+        chunks: list[str],
+        done_reason: str,
+        fault: _Fault,
+    ) -> web.StreamResponse:
+        """Write the NDJSON stream (possibly broken off by an injected error line)."""
+        response = web.StreamResponse(status=200, headers={"Content-Type": NDJSON})
+        await response.prepare(request)
+        broken = fault is _Fault.MID_STREAM
+        emit = chunks[: min(2, max(1, len(chunks) // 2))] if broken else chunks
+        for i, chunk in enumerate(emit):
+            if i and self.token_delay > 0:
+                await asyncio.sleep(self.token_delay)
+            line = {
+                "model": job.model,
+                "created_at": _now(),
+                job.key: job.payload(chunk),
+                "done": False,
+            }
+            await response.write(_line(line))
+        if self.token_delay > 0 and emit:
+            await asyncio.sleep(self.token_delay)
+        if broken:
+            await response.write(_line({"error": MID_STREAM_ERROR}))
+        else:
+            await response.write(_line(self._final(job, chunks, done_reason)))
+        await response.write_eof()
+        return response
+
+    def _final(self, job: _Completion, chunks: list[str], done_reason: str) -> JSONDict:
+        """The ``done: true`` object (whole answer unless streaming) with the counters."""
+        out: JSONDict = {
+            "model": job.model,
+            "created_at": _now(),
+            job.key: job.payload("" if job.streaming else "".join(chunks)),
+            "done": True,
+            "done_reason": done_reason,
+            "total_duration": time.perf_counter_ns() - job.started,
+            "load_duration": 1_000,
+            "prompt_eval_count": job.prompt_words,
+            "prompt_eval_duration": int(self.latency * 1e9),
+            "eval_count": len(chunks),
+            "eval_duration": int(self.token_delay * 1e9 * len(chunks)) or 1_000 * len(chunks),
+        }
+        if not job.chat:
+            out["context"] = list(range(job.prompt_words + len(chunks)))
+        return out
+
+    async def _handle_embed(self, request: web.Request) -> web.Response:
+        """``POST /api/embed``: deterministic 8-dimensional vectors."""
+        started = time.perf_counter_ns()
+        body = await self._read_json(request)
+        if isinstance(body, web.Response):
+            return body
+        if (error := self._check_model(body)) is not None:
+            return error
+        raw_input = body.get("input", "")
+        if isinstance(raw_input, str):
+            texts = [raw_input]
+        elif isinstance(raw_input, list) and all(isinstance(t, str) for t in raw_input):
+            texts = list(raw_input)
+        else:
+            return _error(400, "invalid input type")
+        await self._acquire()
+        try:
+            if self.latency > 0:
+                await asyncio.sleep(self.latency)
+            return web.json_response(
+                {
+                    "model": str(body["model"]),
+                    "embeddings": [fake_embedding(t) for t in texts],
+                    "total_duration": time.perf_counter_ns() - started,
+                    "load_duration": 1_000,
+                    "prompt_eval_count": sum(_word_count(t) for t in texts),
+                }
+            )
+        finally:
+            self._release()
+
+    async def _handle_pull(self, request: web.Request) -> web.StreamResponse:
+        """``POST /api/pull``: registers the model, optionally streaming progress."""
+        body = await self._read_json(request)
+        if isinstance(body, web.Response):
+            return body
+        model = body.get("model") or body.get("name")
+        if not isinstance(model, str) or not model:
+            return _error(400, "model is required")
+        self.add_model(model)
+        if body.get("stream", True) is False:
+            return web.json_response({"status": "success"})
+        digest = "sha256:" + hashlib.sha256(normalize_model(model).encode()).hexdigest()
+        lines: list[JSONDict] = [
+            {"status": "pulling manifest"},
+            {"status": "downloading", "digest": digest, "total": 100, "completed": 0},
+            {"status": "downloading", "digest": digest, "total": 100, "completed": 50},
+            {"status": "downloading", "digest": digest, "total": 100, "completed": 100},
+            {"status": "verifying sha256 digest"},
+            {"status": "writing manifest"},
+            {"status": "success"},
+        ]
+        response = web.StreamResponse(status=200, headers={"Content-Type": NDJSON})
+        await response.prepare(request)
+        for line in lines:
+            await response.write(_line(line))
+        await response.write_eof()
+        return response
+
+
+def _line(obj: JSONDict) -> bytes:
+    """One NDJSON line."""
+    return json.dumps(obj, separators=(",", ":")).encode("utf-8") + b"\n"
+
+
+def _last_user_content(messages: list[Any]) -> str:
+    """Content of the last user message (or of the last message, or "")."""
+    dicts = [m for m in messages if isinstance(m, dict)]
+    for message in reversed(dicts):
+        if message.get("role") == "user":
+            return str(message.get("content") or "")
+    return str(dicts[-1].get("content") or "") if dicts else ""
