@@ -1,0 +1,297 @@
+"""Worker behaviour written once and run against every transport (local SQLite and RabbitMQ).
+
+Every test drives a real Worker with the fake Ollama as provider; the RabbitMQ
+variant talks to the real broker on this machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from chatprocessor.contracts.chat import ChatCodec, reply_message_id
+from chatprocessor.core.worker import CHUNK_TYPE, REPLY_TYPE, Worker, WorkerConfig
+from chatprocessor.providers.ollama import OllamaProvider
+from chatprocessor.transports.base import Delivery, Outgoing, Transport
+from chatprocessor.transports.local import LocalTransport
+from chatprocessor.transports.rabbitmq import RabbitMQTransport
+from tests.conftest import RABBITMQ_URL
+from tests.fakes.ollama import FakeOllama
+
+SEED_PROMPT = {
+    "conversation_id": 123,
+    "message": "What is the capital of France?",
+    "user_id": 456,
+    "timestamp": "2025-12-16T10:30:00Z",
+}
+
+
+@dataclass
+class Env:
+    """A running worker plus a second transport playing the chat platform."""
+
+    worker: Worker
+    client: Transport
+    input_queue: str
+    output_queue: str
+    fake: FakeOllama
+    stop: asyncio.Event
+    task: asyncio.Task[None]
+
+    async def publish(self, body: bytes | dict[str, Any], **props: Any) -> None:
+        raw = body if isinstance(body, bytes) else orjson.dumps(body)
+        await self.client.publish(self.input_queue, Outgoing(raw, **props))
+
+    async def replies(
+        self, queue: str | None = None, n: int = 1, timeout: float = 10
+    ) -> list[Delivery]:
+        got: list[Delivery] = []
+
+        async def collect() -> None:
+            async for delivery in self.client.consume(queue or self.output_queue, prefetch=10):
+                await delivery.ack()
+                got.append(delivery)
+                if len(got) >= n:
+                    return
+
+        await asyncio.wait_for(collect(), timeout)
+        return got
+
+
+def make_transport(kind: str, tmp_path: Path) -> Transport:
+    if kind == "local":
+        return LocalTransport(tmp_path / "queue.sqlite3", visibility_timeout=2)
+    return RabbitMQTransport(RABBITMQ_URL)
+
+
+@pytest.fixture(params=["local", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+async def start_env(
+    kind: str, tmp_path: Path, queue_names: tuple[str, str], fake_ollama: FakeOllama
+) -> AsyncIterator[Callable[..., Any]]:
+    """An async factory of running workers; everything it starts is stopped after the test."""
+    started: list[Env] = []
+
+    async def factory(**config: Any) -> Env:
+        input_queue, output_queue = queue_names
+        naming = config.pop("naming", "snake")
+        worker = Worker(
+            make_transport(kind, tmp_path),
+            OllamaProvider(fake_ollama.url, model="llama2", timeout=5, connect_timeout=1),
+            ChatCodec(max_bytes=config.pop("max_bytes", 65536), naming=naming),
+            WorkerConfig(input_queue=input_queue, output_queue=output_queue, **config),
+        )
+        await worker.start()
+        client = make_transport(kind, tmp_path)
+        await client.connect()
+        stop = asyncio.Event()
+        task = asyncio.create_task(worker.run(stop))
+        env = Env(worker, client, input_queue, output_queue, fake_ollama, stop, task)
+        started.append(env)
+        return env
+
+    yield factory
+    for env in started:
+        env.stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(env.task, 10)
+        await env.worker.transport.close()
+        await env.worker.provider.close()
+        if isinstance(env.client, RabbitMQTransport):
+            channel = await env.client.connection.channel()
+            for queue in (env.input_queue, env.output_queue):
+                with contextlib.suppress(Exception):
+                    await channel.queue_delete(queue)
+        await env.client.close()
+
+
+async def test_seed_prompt_gets_seed_reply(start_env: Callable[..., Any]) -> None:
+    env: Env = await start_env()
+    await env.publish(SEED_PROMPT, message_id="req-1")
+    [reply] = await env.replies()
+    data = orjson.loads(reply.body)
+    assert data["conversation_id"] == 123
+    assert data["message"] == "Echo: What is the capital of France?"
+    assert data["user_id"] == 0
+    assert data["model_used"] == "llama2"
+    assert data["timestamp"].endswith("Z") and len(data["timestamp"]) == 20
+    assert data["prompt_tokens"] == 6 and data["completion_tokens"] == 7
+    assert isinstance(data["latency_ms"], int)
+    assert "error" not in data
+    assert reply.type == REPLY_TYPE
+    assert reply.message_id == reply_message_id("req-1")
+    assert reply.correlation_id == "req-1"
+    sent = env.fake.requests[-1]["body"]
+    assert sent["messages"] == [{"role": "user", "content": SEED_PROMPT["message"]}]
+
+
+async def test_dotnet_names_in_and_pascal_case_out(start_env: Callable[..., Any]) -> None:
+    env: Env = await start_env(naming="pascal")
+    await env.publish(
+        {
+            "ConversationId": 9,
+            "Message": "hi there",
+            "UserId": 1,
+            "Timestamp": "2025-12-16T10:30:00Z",
+        }
+    )
+    [reply] = await env.replies()
+    data = orjson.loads(reply.body)
+    assert data["ConversationId"] == 9
+    assert data["Message"] == "Echo: hi there"
+    assert data["ModelUsed"] == "llama2"
+
+
+async def test_reply_goes_to_reply_to_with_correlation(start_env: Callable[..., Any]) -> None:
+    env: Env = await start_env()
+    private = await env.client.open_reply_queue()
+    try:
+        await env.publish(
+            SEED_PROMPT, reply_to=private.name, correlation_id="corr-7", message_id="m-7"
+        )
+
+        async def first() -> Delivery:
+            async for delivery in private.messages():
+                return delivery
+            raise AssertionError("reply queue closed")
+
+        reply = await asyncio.wait_for(first(), 10)
+    finally:
+        await private.close()
+    assert reply.correlation_id == "corr-7"
+    assert orjson.loads(reply.body)["conversation_id"] == 123
+
+
+async def test_options_model_and_system_prompt_reach_ollama(start_env: Callable[..., Any]) -> None:
+    env: Env = await start_env(system_prompt="default system")
+    env.fake.add_model("mistral")
+    await env.publish(
+        {
+            **SEED_PROMPT,
+            "model": "mistral",
+            "system_prompt": "Be brief.",
+            "options": {"temperature": 0.2, "max_tokens": 3},
+        }
+    )
+    [reply] = await env.replies()
+    data = orjson.loads(reply.body)
+    assert data["model_used"].startswith("mistral")
+    assert data["completion_tokens"] == 3
+    sent = env.fake.requests[-1]["body"]
+    assert sent["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert sent["options"] == {"temperature": 0.2, "num_predict": 3}
+
+
+async def test_malformed_messages_are_dead_lettered_and_worker_goes_on(
+    start_env: Callable[..., Any], kind: str
+) -> None:
+    env: Env = await start_env()
+    await env.publish(b"{not json")
+    await env.publish({"conversation_id": 5})  # no message: schema error, id readable
+    await env.publish(b"x" * 70000)  # over max_bytes
+    await env.publish(SEED_PROMPT)
+    replies = await env.replies(n=2)
+    bodies = [orjson.loads(r.body) for r in replies]
+    assert bodies[0]["conversation_id"] == 5 and "message" in bodies[0]["error"]
+    assert bodies[0]["message"] == ""
+    assert bodies[1]["conversation_id"] == 123 and "error" not in bodies[1]
+    if kind == "local":
+        assert isinstance(env.worker.transport, LocalTransport)
+        dead = await env.worker.transport.dead_letters(env.input_queue)
+        reasons = [row["reason"] for row in dead]
+        assert len(reasons) == 3
+        assert "not valid JSON" in reasons[0]
+        assert "UserPromptReceived" in reasons[1]
+        assert "MAX_MESSAGE_BYTES" in reasons[2]
+
+
+async def test_provider_failure_sends_error_reply(start_env: Callable[..., Any]) -> None:
+    env: Env = await start_env()
+    env.fake.fail_next(1, status=500)
+    await env.publish(SEED_PROMPT)
+    [reply] = await env.replies()
+    data = orjson.loads(reply.body)
+    assert data["conversation_id"] == 123
+    assert data["message"] == ""
+    assert "HTTP 500" in data["error"]
+
+
+async def test_streaming_chunks_go_to_reply_to(start_env: Callable[..., Any]) -> None:
+    env: Env = await start_env(stream_flush_interval=0)
+    env.fake.token_delay = 0.01
+    private = await env.client.open_reply_queue()
+    chunks: list[str] = []
+    try:
+        await env.publish(
+            {**SEED_PROMPT, "stream": True}, reply_to=private.name, correlation_id="s-1"
+        )
+
+        async def until_final() -> dict[str, Any]:
+            async for delivery in private.messages():
+                if delivery.type == CHUNK_TYPE:
+                    chunks.append(orjson.loads(delivery.body)["delta"])
+                else:
+                    return dict(orjson.loads(delivery.body))
+            raise AssertionError("closed")
+
+        final = await asyncio.wait_for(until_final(), 10)
+    finally:
+        await private.close()
+    assert len(chunks) == 7
+    assert "".join(chunks) == "Echo: What is the capital of France?"
+    assert final["message"] == "Echo: What is the capital of France?"
+
+
+async def test_prefetch_jobs_run_concurrently(start_env: Callable[..., Any]) -> None:
+    env: Env = await start_env(prefetch=4)
+    env.fake.latency = 0.3
+    for i in range(8):
+        await env.publish({**SEED_PROMPT, "conversation_id": i})
+    replies = await env.replies(n=8, timeout=20)
+    assert sorted(orjson.loads(r.body)["conversation_id"] for r in replies) == list(range(8))
+    assert env.fake.max_in_flight == 4
+
+
+async def test_shutdown_finishes_in_flight_job(start_env: Callable[..., Any]) -> None:
+    env: Env = await start_env(graceful_timeout=5)
+    env.fake.latency = 0.5
+    await env.publish(SEED_PROMPT)
+    while env.fake.in_flight == 0:
+        await asyncio.sleep(0.01)
+    env.stop.set()
+    await asyncio.wait_for(env.task, 10)
+    [reply] = await env.replies()
+    assert orjson.loads(reply.body)["message"].startswith("Echo:")
+
+
+async def test_shutdown_returns_unfinished_job_to_queue(start_env: Callable[..., Any]) -> None:
+    env: Env = await start_env(graceful_timeout=0.2)
+    env.fake.hang_next(1)
+    await env.publish(SEED_PROMPT, message_id="slow-1")
+    while env.fake.in_flight == 0:
+        await asyncio.sleep(0.01)
+    env.stop.set()
+    await asyncio.wait_for(env.task, 10)
+    # The job is back on the input queue, untouched, for the next worker.
+    got: list[Delivery] = []
+
+    async def take() -> None:
+        async for delivery in env.client.consume(env.input_queue, prefetch=1):
+            got.append(delivery)
+            await delivery.ack()
+            return
+
+    await asyncio.wait_for(take(), 10)
+    assert got[0].message_id == "slow-1"
+    assert got[0].redelivered
