@@ -26,7 +26,18 @@ from chatprocessor.core.job import ChatMessage
 from chatprocessor.providers.base import ChatRequest, Chunk
 
 MODEL_NAME = "gemma3-270m"
-STOP = ["\nUser:", "\nuser:", "\nAssistant:", "\n\n\n"]
+#: A base model stops making sense after its answer line, so one line is one answer.
+STOP = ["\nUser:", "\n"]
+PREAMBLE = (
+    "The following is a conversation between a user and a helpful, knowledgeable assistant. "
+    "The assistant answers briefly and accurately."
+)
+#: Two worked turns show the base model the shape of an answer (few-shot prompting).
+EXAMPLES = (
+    ("What is 2 + 2?", "2 + 2 is 4."),
+    ("What is the capital of Japan?", "The capital of Japan is Tokyo."),
+)
+DEFAULT_TEMPERATURE = 0.2
 _DONE = object()
 
 
@@ -43,13 +54,14 @@ def bundled_model_path() -> Path:
 
 def transcript(messages: list[ChatMessage]) -> str:
     """A base model continues text: show it a dialogue ending where the assistant speaks."""
-    lines = []
+    system = " ".join(m.content.strip() for m in messages if m.role == "system") or PREAMBLE
+    lines = [system, ""]
+    for question, answer in EXAMPLES:
+        lines += [f"User: {question}", f"Assistant: {answer}"]
     for message in messages:
-        if message.role == "system":
-            lines.append(message.content.strip() + "\n")
-        else:
+        if message.role != "system":
             speaker = "User" if message.role == "user" else "Assistant"
-            lines.append(f"{speaker}: {message.content.strip()}")
+            lines.append(f"{speaker}: {' '.join(message.content.split())}")
     lines.append("Assistant:")
     return "\n".join(lines)
 
@@ -130,7 +142,9 @@ class EmbeddedProvider:
                 pieces: Iterator[dict[str, Any]] = llama.create_completion(
                     prompt,
                     max_tokens=max_tokens,
-                    temperature=0.7 if request.temperature is None else request.temperature,
+                    temperature=(
+                        DEFAULT_TEMPERATURE if request.temperature is None else request.temperature
+                    ),
                     stop=STOP,
                     stream=True,
                 )

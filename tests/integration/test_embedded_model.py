@@ -1,0 +1,55 @@
+"""The real embedded model: llama-cpp-python running the bundled Gemma 3 270M (no network)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from chatprocessor.core.job import ChatMessage
+from chatprocessor.providers.base import ChatRequest
+from chatprocessor.providers.embedded import MODEL_NAME, EmbeddedProvider
+
+pytestmark = pytest.mark.embedded
+
+
+@pytest.fixture(scope="module")
+def provider() -> EmbeddedProvider:
+    return EmbeddedProvider(max_tokens=32)
+
+
+async def test_short_real_answer(provider: EmbeddedProvider) -> None:
+    request = ChatRequest([ChatMessage("user", "What is the capital of France?")], temperature=0)
+    chunks = [c async for c in provider.chat(request)]
+    final = chunks[-1]
+    assert final.done and final.model == MODEL_NAME
+    assert "Paris" in final.delta
+    assert final.prompt_tokens and final.prompt_tokens > 10
+    assert final.completion_tokens and 0 < final.completion_tokens <= 32
+
+
+async def test_streaming_keeps_the_event_loop_free(provider: EmbeddedProvider) -> None:
+    """Inference runs on its own thread: a ticker on the loop keeps ticking meanwhile."""
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.005)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    request = ChatRequest([ChatMessage("user", "Count from one to twenty.")], max_tokens=32)
+    pieces = [c async for c in provider.chat(request, stream=True)]
+    task.cancel()
+    assert pieces[-1].done and pieces[-1].delta == ""
+    assert len(pieces) > 2  # several token chunks, then the final one
+    assert ticks >= 5
+
+
+async def test_other_model_is_refused(provider: EmbeddedProvider) -> None:
+    from chatprocessor.core.errors import BadRequest
+
+    with pytest.raises(BadRequest):
+        async for _ in provider.chat(ChatRequest([ChatMessage("user", "hi")], model="llama2")):
+            pass
