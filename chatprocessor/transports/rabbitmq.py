@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -103,9 +105,15 @@ class RabbitReplyQueue:
 class RabbitMQTransport:
     """A RabbitMQ broker reached through one robust connection."""
 
-    def __init__(self, url: str, *, safe_url: str | None = None) -> None:
+    def __init__(
+        self, url: str, *, safe_url: str | None = None, connection_name: str | None = None
+    ) -> None:
         self._url = url
         self._safe_url = safe_url or "the broker"
+        # Shown in the management UI and rabbitmqctl list_connections.
+        self.connection_name = (
+            connection_name or f"chatprocessor {socket.gethostname()}:{os.getpid()}"
+        )
         self._connection: AbstractRobustConnection | None = None
         self._publish_channel: AbstractChannel | None = None
         self._publish_exchange: aio_pika.abc.AbstractExchange | None = None
@@ -125,7 +133,11 @@ class RabbitMQTransport:
         while True:
             tried += 1
             try:
-                self._connection = await aio_pika.connect_robust(self._url, timeout=10)
+                self._connection = await aio_pika.connect_robust(
+                    self._url,
+                    timeout=10,
+                    client_properties={"connection_name": self.connection_name},
+                )
                 break
             except _CONNECTION_ERRORS as exc:
                 if attempts is not None and tried >= attempts:

@@ -1,0 +1,80 @@
+"""The worker survives the broker closing its connection (robust reconnect)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import uuid
+
+import pytest
+
+from chatprocessor.client import send_prompt
+from chatprocessor.contracts.chat import ChatCodec
+from chatprocessor.core.worker import Worker, WorkerConfig
+from chatprocessor.providers.mock import MockProvider
+from chatprocessor.transports.rabbitmq import RabbitMQTransport
+from tests.conftest import RABBITMQ_URL
+
+pytestmark = pytest.mark.rabbitmq
+
+
+async def _close_connection_named(name: str) -> None:
+    """Have the broker force-close a connection, as a broker restart or a network cut would."""
+    listing = await asyncio.create_subprocess_exec(
+        "rabbitmqctl",
+        "list_connections",
+        "pid",
+        "client_properties",
+        "--no-table-headers",
+        "-q",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await listing.communicate()
+    # One line per connection: the pid, a tab, the client properties naming the connection.
+    pids = [line.split("\t")[0] for line in out.decode().splitlines() if f'"{name}"' in line]
+    assert pids, f"connection {name!r} not found"
+    for pid in pids:
+        closing = await asyncio.create_subprocess_exec(
+            "rabbitmqctl", "close_connection", pid, "test: forced close", "-q"
+        )
+        assert await closing.wait() == 0
+
+
+@pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="needs rabbitmqctl")
+async def test_worker_answers_again_after_broker_closed_its_connection(
+    queue_names: tuple[str, str],
+) -> None:
+    input_queue, output_queue = queue_names
+    name = f"chatprocessor-test-{uuid.uuid4().hex[:8]}"
+    worker = Worker(
+        RabbitMQTransport(RABBITMQ_URL, connection_name=name),
+        MockProvider(),
+        ChatCodec(max_bytes=65536),
+        WorkerConfig(input_queue=input_queue, output_queue=output_queue),
+    )
+    await worker.start()
+    stop = asyncio.Event()
+    running = asyncio.create_task(worker.run(stop))
+    client = RabbitMQTransport(RABBITMQ_URL)
+    await client.connect()
+    try:
+        first = await send_prompt(client, input_queue, "before", conversation_id=1, timeout=10)
+        assert first["message"] == "[mock] You said: before"
+
+        await _close_connection_named(name)
+        await asyncio.sleep(1)  # aio-pika reconnects after its reconnect interval (5 s max)
+
+        second = await send_prompt(client, input_queue, "after", conversation_id=2, timeout=20)
+        assert second["conversation_id"] == 2
+        assert second["message"] == "[mock] You said: after"
+        assert not running.done()
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 10)
+        await worker.transport.close()
+        channel = await client.connection.channel()
+        for queue in queue_names:
+            with contextlib.suppress(Exception):
+                await channel.queue_delete(queue)
+        await client.close()
