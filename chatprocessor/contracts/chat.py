@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
 from chatprocessor.contracts.naming import Naming, any_case, rename
 from chatprocessor.core.errors import MalformedMessage, MessageTooLarge
@@ -35,9 +35,10 @@ class UserPromptReceived(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    conversation_id: int | str = Field(validation_alias=any_case("conversation_id"))
+    # StrictInt: JSON true/false must not turn into conversation 1/0.
+    conversation_id: StrictInt | str = Field(validation_alias=any_case("conversation_id"))
     message: str = Field(min_length=1, validation_alias=any_case("message"))
-    user_id: int | str | None = Field(None, validation_alias=any_case("user_id"))
+    user_id: StrictInt | str | None = Field(None, validation_alias=any_case("user_id"))
     timestamp: datetime | None = Field(None, validation_alias=any_case("timestamp"))
     model: str | None = Field(None, min_length=1, validation_alias=any_case("model"))
     system_prompt: str | None = Field(None, validation_alias=any_case("system_prompt"))
@@ -72,18 +73,18 @@ def format_timestamp(moment: datetime) -> str:
 
 
 def _depth(value: Any, limit: int) -> int:
-    """Nesting depth of parsed JSON, stopping early once past ``limit``."""
+    """Nesting depth of objects and arrays in parsed JSON, stopping early once past ``limit``."""
     stack = [(value, 1)]
     deepest = 0
     while stack:
         node, level = stack.pop()
+        if not isinstance(node, dict | list):
+            continue
         deepest = max(deepest, level)
         if deepest > limit:
             break
-        if isinstance(node, dict):
-            stack.extend((child, level + 1) for child in node.values())
-        elif isinstance(node, list):
-            stack.extend((child, level + 1) for child in node)
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, level + 1) for child in children)
     return deepest
 
 

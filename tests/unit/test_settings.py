@@ -1,0 +1,243 @@
+"""Settings: seed 000's names and defaults, chatprocessor's own, validation and the CLI's exit 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import chatprocessor.cli
+from chatprocessor.core.errors import ConfigError
+from chatprocessor.settings import Settings
+
+SECRET = "Zq9-very-secret-pw"
+
+SEED_DEFAULTS = {
+    "rabbitmq_host": "localhost",
+    "rabbitmq_port": 5672,
+    "rabbitmq_username": "guest",
+    "rabbitmq_queue_input": "UserPromptReceived",
+    "rabbitmq_queue_output": "BotResponseCreated",
+    "ollama_base_url": "http://localhost:11434",
+    "ollama_model": "llama2",
+    "ollama_timeout": 300,
+    "log_level": "INFO",
+    "prefetch_count": 1,
+}
+
+NEW_DEFAULTS = {
+    "transport": "local",
+    "providers": ["embedded"],
+    "ops_port": 8001,
+    "log_file": "chatprocessor.log",
+    "log_format": "text",
+    "max_message_bytes": 1_048_576,
+    "graceful_timeout": 30,
+}
+
+
+@pytest.mark.parametrize(("field", "expected"), sorted(SEED_DEFAULTS.items()))
+def test_seed_defaults(field: str, expected: object) -> None:
+    settings = Settings.load()
+    assert getattr(settings, field) == expected
+
+
+def test_seed_password_default_is_guest_and_secret() -> None:
+    settings = Settings.load()
+    assert settings.rabbitmq_password.get_secret_value() == "guest"
+    assert "guest" not in repr(settings.rabbitmq_password)
+
+
+@pytest.mark.parametrize(("field", "expected"), sorted(NEW_DEFAULTS.items()))
+def test_new_defaults(field: str, expected: object) -> None:
+    settings = Settings.load()
+    assert getattr(settings, field) == expected
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "field", "expected"),
+    [
+        ("RABBITMQ_HOST", "broker.internal", "rabbitmq_host", "broker.internal"),
+        ("RABBITMQ_PORT", "5673", "rabbitmq_port", 5673),
+        ("RABBITMQ_USERNAME", "bot", "rabbitmq_username", "bot"),
+        ("RABBITMQ_QUEUE_INPUT", "In", "rabbitmq_queue_input", "In"),
+        ("RABBITMQ_QUEUE_OUTPUT", "Out", "rabbitmq_queue_output", "Out"),
+        ("OLLAMA_BASE_URL", "http://gpu:11434", "ollama_base_url", "http://gpu:11434"),
+        ("OLLAMA_MODEL", "mistral", "ollama_model", "mistral"),
+        ("OLLAMA_TIMEOUT", "12.5", "ollama_timeout", 12.5),
+        ("LOG_LEVEL", "debug", "log_level", "DEBUG"),
+        ("PREFETCH_COUNT", "8", "prefetch_count", 8),
+        ("TRANSPORT", "RabbitMQ", "transport", "rabbitmq"),
+        ("OPS_PORT", "0", "ops_port", 0),
+        ("LOG_FILE", "", "log_file", ""),
+        ("LOG_FORMAT", "JSON", "log_format", "json"),
+        ("MAX_MESSAGE_BYTES", "4096", "max_message_bytes", 4096),
+        ("GRACEFUL_TIMEOUT", "2.5", "graceful_timeout", 2.5),
+    ],
+)
+def test_each_variable_is_read_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, field: str, expected: object
+) -> None:
+    monkeypatch.setenv(variable, value)
+    assert getattr(Settings.load(), field) == expected
+
+
+def test_dotenv_in_cwd_is_read(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text(
+        "PREFETCH_COUNT=3\nOLLAMA_MODEL=mistral\nRABBITMQ_PASSWORD=from-dotenv\n", "utf-8"
+    )
+    settings = Settings.load()
+    assert settings.prefetch_count == 3
+    assert settings.ollama_model == "mistral"
+    assert settings.rabbitmq_password.get_secret_value() == "from-dotenv"
+
+
+def test_environment_overrides_dotenv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / ".env").write_text("PREFETCH_COUNT=3\nOLLAMA_MODEL=mistral\n", "utf-8")
+    monkeypatch.setenv("PREFETCH_COUNT", "5")
+    settings = Settings.load()
+    assert settings.prefetch_count == 5
+    assert settings.ollama_model == "mistral"  # not overridden: still from .env
+
+
+def test_bad_value_in_dotenv_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("PREFETCH_COUNT=lots\n", "utf-8")
+    with pytest.raises(ConfigError, match="PREFETCH_COUNT"):
+        Settings.load()
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("ollama, mock", ["ollama", "mock"]),
+        ("mock", ["mock"]),
+        ("Ollama,Embedded,MOCK", ["ollama", "embedded", "mock"]),
+        ("ollama,,mock,", ["ollama", "mock"]),
+    ],
+)
+def test_providers_parse_to_a_list(
+    monkeypatch: pytest.MonkeyPatch, value: str, expected: list[str]
+) -> None:
+    monkeypatch.setenv("PROVIDERS", value)
+    assert Settings.load().providers == expected
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("PREFETCH_COUNT", "abc"),
+        ("PREFETCH_COUNT", "0"),
+        ("PREFETCH_COUNT", "1001"),
+        ("TRANSPORT", "kafka"),
+        ("PROVIDERS", "gpt5"),
+        ("PROVIDERS", "ollama,gpt5"),
+        ("PROVIDERS", " , "),
+        ("LOG_LEVEL", "LOUD"),
+        ("LOG_FORMAT", "xml"),
+        ("RABBITMQ_PORT", "70000"),
+        ("RABBITMQ_PORT", "0"),
+        ("OLLAMA_TIMEOUT", "0"),
+        ("MAX_MESSAGE_BYTES", "10"),
+        ("OUTPUT_NAMING", "kebab"),
+    ],
+)
+def test_bad_value_raises_config_error_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as info:
+        Settings.load()
+    message = str(info.value)
+    assert variable in message
+    assert message.startswith("invalid configuration:")
+
+
+def test_every_bad_variable_is_named_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PREFETCH_COUNT", "abc")
+    monkeypatch.setenv("TRANSPORT", "kafka")
+    with pytest.raises(ConfigError) as info:
+        Settings.load()
+    assert "PREFETCH_COUNT" in str(info.value)
+    assert "TRANSPORT" in str(info.value)
+
+
+def test_unknown_provider_message_lists_the_choices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROVIDERS", "gpt5")
+    with pytest.raises(ConfigError) as info:
+        Settings.load()
+    message = str(info.value)
+    assert "gpt5" in message
+    for choice in ("embedded", "ollama", "mock"):
+        assert choice in message
+
+
+def test_safe_url_hides_the_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RABBITMQ_PASSWORD", SECRET)
+    monkeypatch.setenv("RABBITMQ_USERNAME", "bot")
+    monkeypatch.setenv("RABBITMQ_HOST", "mq.local")
+    settings = Settings.load()
+    assert SECRET not in settings.rabbitmq_safe_url
+    assert settings.rabbitmq_safe_url.startswith("amqp://bot:***@mq.local:5672/")
+    # The real URL does carry it (URL-quoted), so the difference is meaningful.
+    assert SECRET in settings.rabbitmq_url
+    assert SECRET not in str(settings.model_dump())
+
+
+def test_rabbitmq_url_quotes_special_characters(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RABBITMQ_PASSWORD", "p@ss:w/rd")
+    settings = Settings.load()
+    assert "p%40ss%3Aw%2Frd@localhost:5672/%2F" in settings.rabbitmq_url
+    assert "p@ss" not in settings.rabbitmq_safe_url
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("RABBITMQ_PORT", "70000"), ("RABBITMQ_PORT", "not-a-port"), ("RABBITMQ_HEARTBEAT", "-1")],
+)
+def test_config_error_next_to_the_password_does_not_show_it(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv("RABBITMQ_PASSWORD", SECRET)
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as info:
+        Settings.load()
+    assert variable in str(info.value)
+    assert SECRET not in str(info.value)
+
+
+def test_config_error_on_the_password_itself_does_not_show_it() -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.load(rabbitmq_password=987654321)
+    assert "RABBITMQ_PASSWORD" in str(info.value)
+    assert "987654321" not in str(info.value)
+
+
+def test_cli_run_with_bad_setting_exits_2_naming_it() -> None:
+    result = CliRunner().invoke(chatprocessor.cli.app, ["run"], env={"PREFETCH_COUNT": "abc"})
+    assert result.exit_code == 2, result.output
+    # Click >= 8.2 captures stderr into output too; the message is on stderr.
+    assert "PREFETCH_COUNT" in result.stderr
+    assert "PREFETCH_COUNT" in result.output
+    assert "error" in result.output.lower()
+
+
+def test_module_entry_point_with_bad_setting_exits_2_on_stderr(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "OLLAMA_"))}
+    env["PREFETCH_COUNT"] = "abc"
+    env["COLUMNS"] = "200"
+    proc = subprocess.run(
+        [sys.executable, "-m", "chatprocessor", "run"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "PREFETCH_COUNT" in proc.stderr
+    assert "PREFETCH_COUNT" not in proc.stdout
