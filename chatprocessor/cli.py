@@ -161,7 +161,7 @@ def check() -> None:
             await asyncio.wait_for(transport.connect(), 10)
             results.append(("broker", await transport.ping(), settings.transport))
         except (ChatProcessorError, TimeoutError, OSError) as exc:
-            results.append(("broker", False, f"{settings.transport}: {exc or 'timed out'}"))
+            results.append(("broker", False, f"{settings.transport}: {str(exc) or 'timed out'}"))
         finally:
             with contextlib.suppress(Exception):
                 await transport.close()

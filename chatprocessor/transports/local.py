@@ -233,7 +233,16 @@ class LocalTransport:
             ).fetchone()
             return row
 
-        row = await self._run(claim, commit=True)
+        pending = asyncio.ensure_future(self._run(claim, commit=True))
+        try:
+            row = await asyncio.shield(pending)
+        except asyncio.CancelledError:
+            # The UPDATE may commit on its thread after we were cancelled (shutdown):
+            # hand such a claim straight back instead of hiding it for the visibility timeout.
+            row = await pending
+            if row is not None:
+                await LocalDelivery(self, row, lease).release()
+            raise
         if row is None:
             return None
         delivery = LocalDelivery(self, row, lease)

@@ -152,7 +152,11 @@ class RabbitMQTransport:
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _BACKOFF_CAP)
-        self._publish_channel = await self._connection.channel(publisher_confirms=True)
+        # on_return_raises: a mandatory message the broker returns (no such queue) must
+        # fail the publish; by default aiormq would report it as delivered.
+        self._publish_channel = await self._connection.channel(
+            publisher_confirms=True, on_return_raises=True
+        )
         self._publish_exchange = self._publish_channel.default_exchange
         log.info("connected to RabbitMQ at %s", self._safe_url)
 
