@@ -114,15 +114,18 @@ class Worker:
         consumer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await consumer
-        if consumer in done and consumer.exception() is not None:
-            raise consumer.exception()  # type: ignore[misc]
-        await self.drain()
+        failure = consumer.exception() if consumer in done else None
+        await self.drain()  # jobs in flight finish even when consuming failed
+        if failure is not None:
+            raise failure
 
     async def _consume(self) -> None:
         async for delivery in self.transport.consume(self.config.input_queue, self.config.prefetch):
             task = asyncio.create_task(self.handle(delivery))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        # Only the broker ends a consumer (queue deleted): stop loudly, not with exit 0.
+        raise BrokerUnavailable(f"the broker stopped delivering from {self.config.input_queue!r}")
 
     async def drain(self) -> None:
         """Let in-flight jobs finish for GRACEFUL_TIMEOUT; the rest go back to the queue."""

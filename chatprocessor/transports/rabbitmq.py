@@ -181,9 +181,28 @@ class RabbitMQTransport:
         self._consume_channels.append(channel)
         await channel.set_qos(prefetch_count=prefetch)
         amqp_queue = await channel.get_queue(queue, ensure=True)
-        async with amqp_queue.iterator() as iterator:  # exit cancels the consumer
-            async for message in iterator:
-                yield RabbitDelivery(message)
+        try:
+            async with amqp_queue.iterator() as iterator:  # exit cancels the consumer
+                await iterator.consume()
+                tag = getattr(iterator, "consumer_tag", None)
+                closing: set[asyncio.Future[Any]] = set()
+
+                def on_broker_cancel(frame: Any) -> None:
+                    # The broker cancels a consumer when its queue is deleted; aio-pika's
+                    # iterator would then wait forever. End it, so the worker stops loudly.
+                    # (A task: this runs inside the channel's frame reader.)
+                    if frame.consumer_tag == tag:
+                        log.error("the broker cancelled the consumer of %r (queue deleted?)", queue)
+                        task = asyncio.ensure_future(iterator.close())
+                        closing.add(task)
+                        task.add_done_callback(closing.discard)
+
+                underlay = await channel.get_underlay_channel()
+                underlay.on_consumer_cancel_callbacks.add(on_broker_cancel)
+                async for message in iterator:
+                    yield RabbitDelivery(message)
+        except aiormq.exceptions.AMQPError as exc:
+            raise BrokerUnavailable(f"consuming {queue!r} failed: {exc}") from exc
 
     async def publish(self, destination: str, message: Outgoing) -> None:
         if self._publish_exchange is None:

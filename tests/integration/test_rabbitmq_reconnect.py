@@ -78,3 +78,34 @@ async def test_worker_answers_again_after_broker_closed_its_connection(
             with contextlib.suppress(Exception):
                 await channel.queue_delete(queue)
         await client.close()
+
+
+async def test_deleting_the_input_queue_stops_the_worker_loudly(
+    queue_names: tuple[str, str],
+) -> None:
+    """The broker cancels the consumer; the worker must not sit idle forever."""
+    from chatprocessor.core.errors import BrokerUnavailable
+
+    input_queue, output_queue = queue_names
+    worker = Worker(
+        RabbitMQTransport(RABBITMQ_URL),
+        MockProvider(),
+        ChatCodec(max_bytes=65536),
+        WorkerConfig(input_queue=input_queue, output_queue=output_queue),
+    )
+    await worker.start()
+    running = asyncio.create_task(worker.run(asyncio.Event()))
+    client = RabbitMQTransport(RABBITMQ_URL)
+    await client.connect()
+    try:
+        await asyncio.sleep(0.3)
+        channel = await client.connection.channel()
+        await channel.queue_delete(input_queue)
+        with pytest.raises(BrokerUnavailable, match=input_queue):
+            await asyncio.wait_for(running, 10)
+    finally:
+        await worker.transport.close()
+        channel = await client.connection.channel()
+        with contextlib.suppress(Exception):
+            await channel.queue_delete(output_queue)
+        await client.close()
