@@ -182,8 +182,8 @@ class RabbitMQTransport:
         await channel.set_qos(prefetch_count=prefetch)
         amqp_queue = await channel.get_queue(queue, ensure=True)
         try:
-            async with amqp_queue.iterator() as iterator:  # exit cancels the consumer
-                await iterator.consume()
+            # Entering starts the consumer, leaving cancels it.
+            async with amqp_queue.iterator() as iterator:
                 tag = getattr(iterator, "consumer_tag", None)
                 closing: set[asyncio.Future[Any]] = set()
 
