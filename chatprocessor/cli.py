@@ -93,7 +93,13 @@ def send(
     settings = _settings()
     conv = conversation_id if conversation_id is not None else random.randint(1, 10**9)
 
+    printed = False
+
     def show(delta: str) -> None:
+        nonlocal printed
+        if not printed:  # models often open with a space or newline
+            delta = delta.lstrip()
+            printed = bool(delta)
         sys.stdout.write(delta)
         sys.stdout.flush()
 
