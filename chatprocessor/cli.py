@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import re
 import signal
 import sys
 from collections.abc import Coroutine
@@ -35,6 +36,11 @@ def _settings() -> Settings:
         raise typer.Exit(2) from exc
 
 
+def _mask_userinfo(text: str) -> str:
+    """``http://user:secret@host`` -> ``http://***@host``: URLs may carry credentials."""
+    return re.sub(r"(?<=://)[^/@\s]+@", "***@", text)
+
+
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     """asyncio.run, on uvloop when it is installed."""
     try:
@@ -51,12 +57,22 @@ def run() -> None:
     from chatprocessor.ops.logging import setup_logging
 
     settings = _settings()
-    setup_logging(
-        level=settings.log_level,
-        log_file=settings.log_file,
-        fmt=settings.log_format,
-        secrets=[settings.rabbitmq_password.get_secret_value()],
-    )
+    try:  # paths are only truly known to work once used (root passes every access check)
+        if settings.transport == "local":
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        err.print(f"[bold red]error:[/] invalid configuration: DATA_DIR: {exc}", highlight=False)
+        raise typer.Exit(2) from exc
+    try:
+        setup_logging(
+            level=settings.log_level,
+            log_file=settings.log_file,
+            fmt=settings.log_format,
+            secrets=[settings.rabbitmq_password.get_secret_value()],
+        )
+    except OSError as exc:
+        err.print(f"[bold red]error:[/] invalid configuration: LOG_FILE: {exc}", highlight=False)
+        raise typer.Exit(2) from exc
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -106,7 +122,7 @@ def send(
     async def main() -> dict[str, Any]:
         transport = build_transport(settings)
         try:
-            await asyncio.wait_for(transport.connect(), min(timeout, 15))
+            await asyncio.wait_for(transport.connect(attempts=1), min(timeout, 15))
             return await send_prompt(
                 transport,
                 settings.rabbitmq_queue_input,
@@ -156,15 +172,15 @@ def check() -> None:
     out = Console()
     table = Table("setting", "value", title=f"chatprocessor {__version__}")
     for name, value in settings.model_dump().items():
-        shown = "***" if "password" in name or "key" in name else value
-        table.add_row(name.upper(), str(shown))
+        shown = "***" if "password" in name or "key" in name else _mask_userinfo(str(value))
+        table.add_row(name.upper(), shown)
     out.print(table)
 
     async def main() -> list[tuple[str, bool, str]]:
         results: list[tuple[str, bool, str]] = []
         transport = build_transport(settings)
         try:
-            await asyncio.wait_for(transport.connect(), 10)
+            await asyncio.wait_for(transport.connect(attempts=1), 10)
             results.append(("broker", await transport.ping(), settings.transport))
         except (ChatProcessorError, TimeoutError, OSError) as exc:
             results.append(("broker", False, f"{settings.transport}: {str(exc) or 'timed out'}"))

@@ -11,13 +11,24 @@ import logging
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from chatprocessor.core.errors import ConfigError
 
 PROVIDER_NAMES = ("embedded", "ollama", "mock")
+
+
+def _writable(directory: Path, *, create: bool) -> bool:
+    """Whether files can be written in ``directory`` (or, with ``create``, in the nearest
+    existing parent it would be created under). Looks only: creates nothing."""
+    probe = directory
+    if create:
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+    return probe.is_dir() and os.access(probe, os.W_OK | os.X_OK)
 
 
 def _default_data_dir() -> Path:
@@ -93,6 +104,37 @@ class Settings(BaseSettings):
                 raise ValueError(f"unknown provider(s) {', '.join(unknown)}; choose from {choices}")
         return value
 
+    @field_validator("ollama_base_url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        parsed = urlsplit(value)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError("expected an http(s) URL such as http://localhost:11434")
+        return value.rstrip("/")
+
+    @field_validator("embedded_model_path")
+    @classmethod
+    def _check_model_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
+
+    @field_validator("log_file")
+    @classmethod
+    def _check_log_file(cls, value: str) -> str:
+        if value and not _writable(Path(value).expanduser().absolute().parent, create=False):
+            raise ValueError(f"cannot write {value}: its directory is missing or read-only")
+        return value
+
+    @model_validator(mode="after")
+    def _check_data_dir(self) -> Settings:
+        # Only the local transport keeps files there.
+        if self.transport == "local" and not _writable(self.data_dir.expanduser(), create=True):
+            raise ValueError(
+                f"DATA_DIR {self.data_dir} cannot be created or written (set DATA_DIR)"
+            )
+        return self
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _check_level(cls, value: Any) -> Any:
@@ -137,7 +179,10 @@ def describe_validation_error(exc: ValidationError) -> str:
     """One line per bad variable, named as the user writes it in the environment."""
     lines = []
     for error in exc.errors():
-        name = str(error["loc"][0]).upper() if error["loc"] else "?"
+        if not error["loc"]:  # a check across settings: its message names the variable
+            lines.append(str(error["msg"]).removeprefix("Value error, "))
+            continue
+        name = str(error["loc"][0]).upper()
         given = error.get("input")
         shown = "" if isinstance(given, dict) or name.endswith("PASSWORD") else f" (got {given!r})"
         lines.append(f"{name}: {error['msg']}{shown}")

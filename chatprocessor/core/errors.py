@@ -17,7 +17,8 @@ dead-letter from the class alone::
     │       └── ModelNotFound        the model is not installed on the provider
     └── TransportError
         ├── BrokerUnavailable        transient: cannot reach the broker
-        └── PublishFailed            the broker did not confirm a publish
+        └── PublishFailed            the broker refused a publish (nack)
+            └── Unroutable           returned: no queue of that name (mandatory)
 """
 
 from __future__ import annotations
@@ -89,4 +90,8 @@ class BrokerUnavailable(TransportError):
 
 
 class PublishFailed(TransportError):
-    """A publish was returned or not confirmed by the broker."""
+    """The broker did not take responsibility for a published message."""
+
+
+class Unroutable(PublishFailed):
+    """The destination queue does not exist: the broker returned the message."""

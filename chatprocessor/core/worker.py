@@ -17,12 +17,13 @@ import logging
 import time
 from dataclasses import dataclass
 
-from chatprocessor.contracts.chat import ChatCodec, reply_message_id
+from chatprocessor.contracts.chat import ChatCodec, reply_message_id, request_id
 from chatprocessor.core.errors import (
     BrokerUnavailable,
     MessageRejected,
     ProviderError,
     PublishFailed,
+    Unroutable,
 )
 from chatprocessor.core.job import Job, Result
 from chatprocessor.ops import metrics
@@ -156,12 +157,17 @@ class Worker:
             metrics.MESSAGES.labels("released").inc()
             raise
         except BrokerUnavailable as exc:
-            # The reply could not be confirmed: hand the job back (on a dead
+            # The connection failed under us: hand the job back (on a dead
             # connection the broker does that by itself) so it is redelivered.
             log.error("broker failed while processing (%s); the message will be redelivered", exc)
             with contextlib.suppress(BrokerUnavailable):
                 await delivery.release()
             outcome = "released"
+        except Exception as exc:
+            # A bug or a surprise from a library must not wedge a prefetch slot:
+            # settle the message like a permanent failure and keep going.
+            log.exception("unexpected error while processing message %s", delivery.message_id)
+            outcome = await self._reject(delivery, f"internal error: {type(exc).__name__}: {exc}")
         finally:
             metrics.IN_FLIGHT.dec()
             metrics.PROCESSING_SECONDS.observe(time.perf_counter() - started)
@@ -176,7 +182,7 @@ class Worker:
                 correlation_id=delivery.correlation_id,
             )
         except MessageRejected as exc:
-            return await self._reject(delivery, exc)
+            return await self._reject(delivery, str(exc))
 
         token = conversation_id_var.set(job.conversation_id)
         try:
@@ -186,13 +192,20 @@ class Worker:
                 " [redelivered]" if delivery.redelivered else "",
             )
             log.debug("prompt: %s", job.prompt)
-            result = await self._answer(job)
             try:
+                result = await self._answer(job)
                 await self._publish_reply(job, result)
-            except PublishFailed as exc:
+            except Unroutable as exc:
+                # Only reply_to queues are unroutable here: the requester left.
                 log.warning("requester is gone, reply dropped: %s", exc)
                 await delivery.ack()
                 return "requester_gone"
+            except PublishFailed as exc:
+                # The broker refused the reply (nack): park the job, never requeue in a loop.
+                reason = f"reply not accepted by the broker: {exc}"
+                log.error("%s", reason)
+                await delivery.dead_letter(reason)
+                return "reply_refused"
             if result.error is None:
                 await delivery.ack()
                 log.info(
@@ -204,24 +217,25 @@ class Worker:
         finally:
             conversation_id_var.reset(token)
 
-    async def _reject(self, delivery: Delivery, exc: MessageRejected) -> str:
+    async def _reject(self, delivery: Delivery, reason: str) -> str:
         """Permanent failure: error reply if possible, then dead-letter with the reason."""
-        reason = str(exc)
         conversation_id = self.codec.peek_conversation_id(delivery.body)
         token = conversation_id_var.set(conversation_id)
         try:
             log.warning("rejected message %s: %s", delivery.message_id or "(no id)", reason)
             if conversation_id is not None:
                 job = Job(
-                    id=delivery.message_id or f"rejected-{conversation_id}",
+                    id=request_id(delivery.body, delivery.message_id),
                     conversation_id=conversation_id,
                     prompt="",
                     reply_to=delivery.reply_to,
                     correlation_id=delivery.correlation_id,
                 )
                 error = Result(text="", model_used=self.provider.default_model, error=reason)
-                with contextlib.suppress(PublishFailed):
+                try:
                     await self._publish_reply(job, error)
+                except (PublishFailed, BrokerUnavailable) as exc:
+                    log.warning("could not send the error reply: %s", exc)
             await delivery.dead_letter(reason)
         finally:
             conversation_id_var.reset(token)
@@ -242,11 +256,14 @@ class Worker:
         last_flush = started
         model = job.model or self.provider.default_model
         prompt_tokens = completion_tokens = None
+        provider = self.provider.name
         try:
             async for chunk in self.provider.chat(request, stream=streaming):
                 parts.append(chunk.delta)
                 if chunk.model:
                     model = chunk.model
+                if chunk.provider:
+                    provider = chunk.provider
                 if chunk.done:
                     prompt_tokens, completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
                 if streaming and chunk.delta:
@@ -261,7 +278,7 @@ class Worker:
             log.error("provider %s failed: %s", self.provider.name, exc)
             return Result(text="", model_used=model, error=str(exc), latency_ms=_ms_since(started))
         finally:
-            metrics.LLM_SECONDS.labels(self.provider.name).observe(time.perf_counter() - started)
+            metrics.LLM_SECONDS.labels(provider).observe(time.perf_counter() - started)
         if prompt_tokens:
             metrics.TOKENS.labels("prompt").inc(prompt_tokens)
         if completion_tokens:
@@ -299,13 +316,13 @@ class Worker:
             return
         try:
             await self.transport.publish(self.config.output_queue, message)
-        except PublishFailed:
+        except Unroutable:
             log.warning("output queue %r was missing; declaring it again", self.config.output_queue)
             await self.transport.declare(self.config.output_queue)
             try:
                 await self.transport.publish(self.config.output_queue, message)
-            except PublishFailed as exc:
-                raise BrokerUnavailable(str(exc)) from exc
+            except Unroutable as exc:  # not "requester gone": the shared queue is missing
+                raise PublishFailed(str(exc)) from exc
 
 
 def _ms_since(start: float) -> int:

@@ -7,7 +7,7 @@ from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 # The _created series doubles every scrape for no use in dashboards.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
-#: Outcomes: replied, error_reply, rejected, released, requester_gone.
+#: Outcomes: replied, error_reply, rejected, released, requester_gone, reply_refused.
 MESSAGES = Counter(
     "chatprocessor_messages_total", "Messages taken from the input queue, by outcome", ["outcome"]
 )

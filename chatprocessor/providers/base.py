@@ -29,6 +29,8 @@ class Chunk:
     model: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    #: Set by a router: which of its providers produced the chunk.
+    provider: str | None = None
 
 
 class Provider(Protocol):

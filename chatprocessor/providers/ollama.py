@@ -42,7 +42,11 @@ def translate(exc: BaseException, model: str) -> ProviderError:
     return ProviderUnavailable(f"ollama: cannot reach the server ({type(exc).__name__}: {exc})")
 
 
-_CLIENT_ERRORS = (ollama.ResponseError, httpx.HTTPError, ConnectionError)
+# ValueError covers a body that is not Ollama's JSON (a proxy's HTML error page, a
+# truncated line): json.JSONDecodeError and pydantic's ValidationError derive from it.
+_CLIENT_ERRORS = (ollama.ResponseError, httpx.HTTPError, ConnectionError, ValueError)
+#: Health probes (/ready, start-up, check) must not wait OLLAMA_TIMEOUT on a hung server.
+PROBE_TIMEOUT = 5.0
 
 
 class OllamaProvider:
@@ -60,6 +64,9 @@ class OllamaProvider:
         self.default_model = model
         self._client = ollama.AsyncClient(
             host=base_url, timeout=httpx.Timeout(timeout, connect=connect_timeout)
+        )
+        self._probe = ollama.AsyncClient(
+            host=base_url, timeout=httpx.Timeout(PROBE_TIMEOUT, connect=connect_timeout)
         )
 
     @staticmethod
@@ -106,7 +113,7 @@ class OllamaProvider:
 
     async def list_models(self) -> list[str]:
         try:
-            listing = await self._client.list()
+            listing = await self._probe.list()
         except _CLIENT_ERRORS as exc:
             raise translate(exc, self.default_model) from exc
         return [m.model for m in listing.models if m.model]
@@ -120,3 +127,4 @@ class OllamaProvider:
 
     async def close(self) -> None:
         await self._client.close()  # type: ignore[no-untyped-call]
+        await self._probe.close()  # type: ignore[no-untyped-call]

@@ -31,6 +31,7 @@ class RouterProvider:
             try:
                 async for chunk in provider.chat(request, stream=stream):
                     started = True
+                    chunk.provider = chunk.provider or provider.name
                     yield chunk
                 return
             except ProviderError as exc:

@@ -73,8 +73,8 @@ class ReplyQueue(Protocol):
 class Transport(Protocol):
     """A message broker seen from chatprocessor."""
 
-    async def connect(self) -> None:
-        """Connect, retrying with backoff until the broker answers."""
+    async def connect(self, *, attempts: int | None = None) -> None:
+        """Connect, retrying with backoff; ``attempts=None`` retries until the broker answers."""
         ...
 
     async def declare(self, queue: str) -> None:

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from chatprocessor.core.errors import BrokerUnavailable, PublishFailed
+from chatprocessor.core.errors import BrokerUnavailable, Unroutable
 from chatprocessor.transports.base import Delivery, Outgoing
 
 T = TypeVar("T")
@@ -106,7 +106,9 @@ class LocalDelivery(Delivery):
                 (reason, time.time(), self.row_id, self.lease),
             ).rowcount
             if moved:
-                db.execute("DELETE FROM messages WHERE id = ?", (self.row_id,))
+                db.execute(
+                    "DELETE FROM messages WHERE id = ? AND lease = ?", (self.row_id, self.lease)
+                )
 
         await self._settle(move)
 
@@ -159,22 +161,32 @@ class LocalTransport:
 
         def call() -> T:
             try:
-                if commit:
-                    with db:  # one transaction, committed or rolled back
-                        return fn(db)
-                return fn(db)
+                if not commit:
+                    return fn(db)
+                # Autocommit mode (isolation_level=None) never opens a transaction by
+                # itself: BEGIN IMMEDIATE takes the write lock up front, so the
+                # statements of fn commit together or not at all.
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    result = fn(db)
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+                return result
             except sqlite3.Error as exc:
                 raise BrokerUnavailable(f"local queue {self.path}: {exc}") from exc
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
-    async def connect(self) -> None:
+    async def connect(self, *, attempts: int | None = None) -> None:
+        """Open the file (``attempts`` is accepted for the protocol; a file needs no retries)."""
         if self._db is not None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-queue")
 
         def open_db() -> sqlite3.Connection:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(
                 self.path, timeout=30, isolation_level=None, check_same_thread=False
             )
@@ -185,7 +197,7 @@ class LocalTransport:
 
         try:
             self._db = await asyncio.get_running_loop().run_in_executor(self._executor, open_db)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise BrokerUnavailable(f"cannot open local queue {self.path}: {exc}") from exc
         self._renewer = asyncio.create_task(self._renew_leases(), name="local-queue-leases")
 
@@ -200,7 +212,7 @@ class LocalTransport:
                     "SELECT 1 FROM reply_queues WHERE name = ?", (destination,)
                 ).fetchone()
             ):
-                raise PublishFailed(f"reply queue {destination} does not exist (requester gone)")
+                raise Unroutable(f"reply queue {destination} does not exist (requester gone)")
             now = time.time()
             db.execute(
                 "INSERT INTO messages (queue, body, message_id, correlation_id, reply_to, type,"

@@ -24,7 +24,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
-from chatprocessor.core.errors import BrokerUnavailable, PublishFailed
+from chatprocessor.core.errors import BrokerUnavailable, PublishFailed, Unroutable
 from chatprocessor.transports.base import Delivery, Outgoing
 
 log = logging.getLogger(__name__)
@@ -162,17 +162,20 @@ class RabbitMQTransport:
 
     async def declare(self, queue: str) -> None:
         """Declare durable; a queue declared otherwise is used as it is, with advice logged."""
-        channel = await self.connection.channel()
+        channels = [await self.connection.channel()]
         try:
-            await channel.declare_queue(queue, durable=True)
-        except aiormq.exceptions.ChannelPreconditionFailed as exc:
-            log.warning("%s (broker said: %s)", POLICY_ADVICE.format(queue=queue), exc)
-            self.existing_queues.add(queue)
-            channel = await self.connection.channel()
-            await channel.declare_queue(queue, passive=True)
+            try:
+                await channels[0].declare_queue(queue, durable=True)
+            except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                log.warning("%s (broker said: %s)", POLICY_ADVICE.format(queue=queue), exc)
+                self.existing_queues.add(queue)
+                channels.append(await self.connection.channel())
+                await channels[1].declare_queue(queue, passive=True)
         finally:
-            with contextlib.suppress(*_CONNECTION_ERRORS, aiormq.exceptions.ChannelClosed):
-                await channel.close()
+            # Both: the broker closed the first one, and a robust channel reopens itself.
+            for channel in channels:
+                with contextlib.suppress(*_CONNECTION_ERRORS, aiormq.exceptions.ChannelClosed):
+                    await channel.close()
 
     async def consume(self, queue: str, prefetch: int) -> AsyncIterator[Delivery]:
         # The channel outlives the consumer: deliveries still being processed when
@@ -184,25 +187,39 @@ class RabbitMQTransport:
         try:
             # Entering starts the consumer, leaving cancels it.
             async with amqp_queue.iterator() as iterator:
-                tag = getattr(iterator, "consumer_tag", None)
-                closing: set[asyncio.Future[Any]] = set()
-
-                def on_broker_cancel(frame: Any) -> None:
-                    # The broker cancels a consumer when its queue is deleted; aio-pika's
-                    # iterator would then wait forever. End it, so the worker stops loudly.
-                    # (A task: this runs inside the channel's frame reader.)
-                    if frame.consumer_tag == tag:
-                        log.error("the broker cancelled the consumer of %r (queue deleted?)", queue)
-                        task = asyncio.ensure_future(iterator.close())
-                        closing.add(task)
-                        task.add_done_callback(closing.discard)
-
-                underlay = await channel.get_underlay_channel()
-                underlay.on_consumer_cancel_callbacks.add(on_broker_cancel)
+                await self._watch_consumer(channel, iterator, queue)
                 async for message in iterator:
                     yield RabbitDelivery(message)
         except aiormq.exceptions.AMQPError as exc:
             raise BrokerUnavailable(f"consuming {queue!r} failed: {exc}") from exc
+
+    async def _watch_consumer(self, channel: AbstractChannel, iterator: Any, queue: str) -> None:
+        """End ``iterator`` when the broker cancels its consumer (e.g. the queue was deleted).
+
+        aio-pika's iterator would otherwise wait forever. The hook lives on the
+        underlying channel, which a reconnect replaces, so it is added again on reopen.
+        """
+        tasks: set[asyncio.Future[Any]] = set()
+
+        def spawn(awaitable: Any) -> None:
+            task = asyncio.ensure_future(awaitable)
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        def on_broker_cancel(frame: Any) -> None:
+            # Runs inside the channel's frame reader: closing must happen in a task.
+            if frame.consumer_tag == getattr(iterator, "consumer_tag", None):
+                log.error("the broker cancelled the consumer of %r (queue deleted?)", queue)
+                spawn(iterator.close())
+
+        async def hook() -> None:
+            underlay = await channel.get_underlay_channel()
+            underlay.on_consumer_cancel_callbacks.add(on_broker_cancel)
+
+        await hook()
+        reopen_callbacks = getattr(channel, "reopen_callbacks", None)
+        if reopen_callbacks is not None:
+            reopen_callbacks.add(lambda *_: spawn(hook()))
 
     async def publish(self, destination: str, message: Outgoing) -> None:
         if self._publish_exchange is None:
@@ -220,7 +237,7 @@ class RabbitMQTransport:
         try:
             await self._publish_exchange.publish(amqp_message, destination, mandatory=True)
         except aiormq.exceptions.PublishError as exc:
-            raise PublishFailed(f"queue {destination!r} does not exist: message returned") from exc
+            raise Unroutable(f"queue {destination!r} does not exist: message returned") from exc
         except aiormq.exceptions.DeliveryError as exc:
             raise PublishFailed(f"broker refused the message for {destination!r}") from exc
         except _CONNECTION_ERRORS as exc:

@@ -18,6 +18,7 @@ import pytest
 
 from chatprocessor.contracts.chat import ChatCodec, reply_message_id
 from chatprocessor.core.worker import CHUNK_TYPE, REPLY_TYPE, Worker, WorkerConfig
+from chatprocessor.providers.mock import MockProvider
 from chatprocessor.providers.ollama import OllamaProvider
 from chatprocessor.transports.base import Delivery, Outgoing, Transport
 from chatprocessor.transports.local import LocalTransport
@@ -86,9 +87,12 @@ async def start_env(
     async def factory(**config: Any) -> Env:
         input_queue, output_queue = queue_names
         naming = config.pop("naming", "snake")
+        provider = config.pop("provider", None) or OllamaProvider(
+            fake_ollama.url, model="llama2", timeout=5, connect_timeout=1
+        )
         worker = Worker(
             make_transport(kind, tmp_path),
-            OllamaProvider(fake_ollama.url, model="llama2", timeout=5, connect_timeout=1),
+            provider,
             ChatCodec(max_bytes=config.pop("max_bytes", 65536), naming=naming),
             WorkerConfig(input_queue=input_queue, output_queue=output_queue, **config),
         )
@@ -295,3 +299,59 @@ async def test_shutdown_returns_unfinished_job_to_queue(start_env: Callable[...,
     await asyncio.wait_for(take(), 10)
     assert got[0].message_id == "slow-1"
     assert got[0].redelivered
+
+
+class ExplodingOnce(MockProvider):
+    """A provider with a bug: the first call raises something that is not a ProviderError."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def chat(self, request, *, stream=False):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("boom")
+        async for chunk in super().chat(request, stream=stream):
+            yield chunk
+
+
+async def test_unexpected_error_settles_the_message_and_worker_goes_on(
+    start_env: Callable[..., Any], kind: str
+) -> None:
+    env: Env = await start_env(provider=ExplodingOnce())
+    await env.publish({**SEED_PROMPT, "conversation_id": 1}, message_id="bug-1")
+    await env.publish({**SEED_PROMPT, "conversation_id": 2}, message_id="ok-2")
+    first, second = (orjson.loads(r.body) for r in await env.replies(n=2))
+    assert first["conversation_id"] == 1
+    assert "internal error: RuntimeError: boom" in first["error"]
+    assert second["conversation_id"] == 2 and "error" not in second
+    if kind == "local":
+        assert isinstance(env.worker.transport, LocalTransport)
+        [dead] = await env.worker.transport.dead_letters(env.input_queue)
+        assert dead["message_id"] == "bug-1"
+
+
+async def test_streaming_to_a_vanished_reply_queue_is_dropped_and_worker_goes_on(
+    start_env: Callable[..., Any],
+) -> None:
+    """`send --stream` gave up and its private queue is gone before the worker answers."""
+    env: Env = await start_env(stream_flush_interval=0)
+    private = await env.client.open_reply_queue()
+    gone = private.name
+    await private.close()
+    await env.publish({**SEED_PROMPT, "stream": True}, reply_to=gone, correlation_id="g-1")
+    await env.publish({**SEED_PROMPT, "conversation_id": 8})
+    [reply] = await env.replies()
+    assert orjson.loads(reply.body)["conversation_id"] == 8
+
+
+async def test_error_replies_to_different_bad_messages_have_different_ids(
+    start_env: Callable[..., Any],
+) -> None:
+    """Same conversation, no message ids: a consumer dropping duplicates must keep both."""
+    env: Env = await start_env()
+    await env.publish({"conversation_id": 4, "message": ""})
+    await env.publish({"conversation_id": 4, "message": "   "})
+    replies = await env.replies(n=2)
+    assert all(orjson.loads(r.body)["error"] for r in replies)
+    assert replies[0].message_id != replies[1].message_id

@@ -588,3 +588,23 @@ async def test_claim_interrupted_by_cancellation_is_not_lost(
     [again] = await take(successor, timeout=3)
     assert again.message_id == "m-unlucky"
     await again.ack()
+
+
+async def test_a_failing_write_is_rolled_back_whole(tmp_path: Path) -> None:
+    """_run(commit=True) is one transaction: a statement that ran before an error is undone."""
+    transport = LocalTransport(tmp_path / "q.sqlite3")
+    await transport.connect()
+    try:
+
+        def insert_then_fail(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT INTO messages (queue, body, visible_at, created_at)"
+                " VALUES ('q', x'00', 0, 0)"
+            )
+            raise RuntimeError("half-way")
+
+        with pytest.raises(RuntimeError):
+            await transport._run(insert_then_fail, commit=True)
+        assert await transport.depth("q") == 0
+    finally:
+        await transport.close()

@@ -272,3 +272,38 @@ def test_transient_flags(cls: type[ChatProcessorError], transient: bool) -> None
 def test_rate_limited_carries_retry_after() -> None:
     assert RateLimited("slow down", retry_after=1.5).retry_after == 1.5
     assert RateLimited("slow down").retry_after is None
+
+
+# -- a server that is not Ollama (a proxy's error page) --------------------------------------
+
+
+@pytest.fixture
+async def html_server() -> AsyncIterator[str]:
+    from aiohttp import web
+
+    async def page(_: web.Request) -> web.Response:
+        return web.Response(text="<html>502 Bad Gateway</html>", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", page)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_non_json_answer_is_provider_unavailable(html_server: str, stream: bool) -> None:
+    provider = OllamaProvider(html_server, model="llama2", timeout=5, connect_timeout=1)
+    try:
+        with pytest.raises(ProviderUnavailable):
+            async for _ in provider.chat(ChatRequest([ChatMessage("user", "hi")]), stream=stream):
+                pass
+        assert await provider.ping() is False
+    finally:
+        await provider.close()

@@ -241,3 +241,54 @@ def test_module_entry_point_with_bad_setting_exits_2_on_stderr(tmp_path: Path) -
     assert proc.returncode == 2, proc.stderr
     assert "PREFETCH_COUNT" in proc.stderr
     assert "PREFETCH_COUNT" not in proc.stdout
+
+
+# -- paths and URLs are checked at startup -------------------------------------------------------
+
+
+@pytest.mark.parametrize("url", ["notaurl", "ftp://x", "http://", ""])
+def test_ollama_base_url_must_be_http(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OLLAMA_BASE_URL", url)
+    with pytest.raises(ConfigError, match="OLLAMA_BASE_URL"):
+        Settings.load()
+
+
+def test_log_file_in_missing_directory_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOG_FILE", "/nonexistent-dir/chatprocessor.log")
+    with pytest.raises(ConfigError, match="LOG_FILE"):
+        Settings.load()
+
+
+def test_missing_embedded_model_file_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMBEDDED_MODEL_PATH", "/nonexistent/model.gguf")
+    with pytest.raises(ConfigError, match="EMBEDDED_MODEL_PATH"):
+        Settings.load()
+
+
+def test_data_dir_that_cannot_be_created_stops_run_with_status_2(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    env = {**os.environ, "DATA_DIR": str(blocker / "sub"), "PROVIDERS": "mock", "OPS_PORT": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "chatprocessor", "run"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "DATA_DIR" in proc.stderr
+
+
+def test_check_masks_credentials_inside_urls(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("OLLAMA_BASE_URL", "http://bob:s3cr3t-in-url@localhost:11434")
+    monkeypatch.setenv("PROVIDERS", "mock")
+    monkeypatch.setenv("DATA_DIR", str(tmp_path))
+    result = CliRunner().invoke(chatprocessor.cli.app, ["check"])
+    assert result.exit_code == 0, result.output
+    assert "s3cr3t-in-url" not in result.output
+    assert "***@localhost" in result.output

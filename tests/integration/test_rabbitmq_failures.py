@@ -1,4 +1,4 @@
-"""The worker survives the broker closing its connection (robust reconnect)."""
+"""RabbitMQ failures: forced reconnects, a deleted input queue, a queue refusing replies."""
 
 from __future__ import annotations
 
@@ -69,9 +69,18 @@ async def test_worker_answers_again_after_broker_closed_its_connection(
         assert second["conversation_id"] == 2
         assert second["message"] == "[mock] You said: after"
         assert not running.done()
+
+        # The broker-cancel hook must survive the reconnect too.
+        channel = await client.connection.channel()
+        await channel.queue_delete(input_queue)
+        from chatprocessor.core.errors import BrokerUnavailable
+
+        with pytest.raises(BrokerUnavailable, match=input_queue):
+            await asyncio.wait_for(asyncio.shield(running), 10)
     finally:
         stop.set()
-        await asyncio.wait_for(running, 10)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(running, 10)
         await worker.transport.close()
         channel = await client.connection.channel()
         for queue in queue_names:
@@ -108,4 +117,69 @@ async def test_deleting_the_input_queue_stops_the_worker_loudly(
         channel = await client.connection.channel()
         with contextlib.suppress(Exception):
             await channel.queue_delete(output_queue)
+        await client.close()
+
+
+class CountingMock(MockProvider):
+    """The mock provider, counting how often the model is asked."""
+
+    calls = 0
+
+    async def chat(self, request, *, stream=False):  # type: ignore[no-untyped-def]
+        CountingMock.calls += 1
+        async for chunk in super().chat(request, stream=stream):
+            yield chunk
+
+
+async def test_reply_refused_by_the_broker_is_dead_lettered_once_not_looped(
+    queue_names: tuple[str, str],
+) -> None:
+    """An output queue that nacks every publish must not make the job spin through the LLM."""
+    import aio_pika
+    import orjson
+
+    input_queue, output_queue = queue_names
+    client = RabbitMQTransport(RABBITMQ_URL)
+    await client.connect()
+    channel = await client.connection.channel()
+    await channel.declare_queue(
+        output_queue, durable=True, arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
+    )
+    dlq = await channel.declare_queue(f"{input_queue}.dlq", durable=True)
+    await channel.declare_queue(
+        input_queue,
+        durable=True,
+        arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": dlq.name},
+    )
+    CountingMock.calls = 0
+    worker = Worker(
+        RabbitMQTransport(RABBITMQ_URL),
+        CountingMock(),
+        ChatCodec(max_bytes=65536),
+        WorkerConfig(input_queue=input_queue, output_queue=output_queue),
+    )
+    await worker.start()
+    stop = asyncio.Event()
+    running = asyncio.create_task(worker.run(stop))
+    try:
+        await channel.default_exchange.publish(
+            aio_pika.Message(orjson.dumps({"conversation_id": 3, "message": "hi"})),
+            routing_key=input_queue,
+        )
+        message = None
+        async with asyncio.timeout(10):
+            while message is None:
+                message = await dlq.get(no_ack=True, fail=False)
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # a requeue loop would call the model many times by now
+        assert CountingMock.calls == 1
+        assert orjson.loads(message.body)["conversation_id"] == 3
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(running, 10)
+        await worker.transport.close()
+        for queue in (*queue_names, f"{input_queue}.dlq"):
+            with contextlib.suppress(Exception):
+                await channel.queue_delete(queue)
         await client.close()
