@@ -14,9 +14,27 @@ from chatprocessor.contracts.chat import ChatCodec
 from chatprocessor.core.worker import Worker, WorkerConfig
 from chatprocessor.providers.mock import MockProvider
 from chatprocessor.transports.rabbitmq import RabbitMQTransport
-from tests.conftest import RABBITMQ_URL
+from tests.conftest import IN_CI, RABBITMQ_URL
 
 pytestmark = pytest.mark.rabbitmq
+
+
+async def started_worker(
+    queue_names: tuple[str, str],
+    *,
+    provider: MockProvider | None = None,
+    connection_name: str | None = None,
+) -> Worker:
+    """A started worker on RabbitMQ answering with the mock provider."""
+    input_queue, output_queue = queue_names
+    worker = Worker(
+        RabbitMQTransport(RABBITMQ_URL, connection_name=connection_name),
+        provider or MockProvider(),
+        ChatCodec(max_bytes=65536),
+        WorkerConfig(input_queue=input_queue, output_queue=output_queue),
+    )
+    await worker.start()
+    return worker
 
 
 async def _close_connection_named(name: str) -> None:
@@ -41,19 +59,15 @@ async def _close_connection_named(name: str) -> None:
         assert await closing.wait() == 0
 
 
-@pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="needs rabbitmqctl")
+@pytest.mark.skipif(
+    shutil.which("rabbitmqctl") is None and not IN_CI, reason="needs rabbitmqctl (fails in CI)"
+)
 async def test_worker_answers_again_after_broker_closed_its_connection(
     queue_names: tuple[str, str],
 ) -> None:
-    input_queue, output_queue = queue_names
+    input_queue, _ = queue_names
     name = f"chatprocessor-test-{uuid.uuid4().hex[:8]}"
-    worker = Worker(
-        RabbitMQTransport(RABBITMQ_URL, connection_name=name),
-        MockProvider(),
-        ChatCodec(max_bytes=65536),
-        WorkerConfig(input_queue=input_queue, output_queue=output_queue),
-    )
-    await worker.start()
+    worker = await started_worker(queue_names, connection_name=name)
     stop = asyncio.Event()
     running = asyncio.create_task(worker.run(stop))
     client = RabbitMQTransport(RABBITMQ_URL)
@@ -96,13 +110,7 @@ async def test_deleting_the_input_queue_stops_the_worker_loudly(
     from chatprocessor.core.errors import BrokerUnavailable
 
     input_queue, output_queue = queue_names
-    worker = Worker(
-        RabbitMQTransport(RABBITMQ_URL),
-        MockProvider(),
-        ChatCodec(max_bytes=65536),
-        WorkerConfig(input_queue=input_queue, output_queue=output_queue),
-    )
-    await worker.start()
+    worker = await started_worker(queue_names)
     running = asyncio.create_task(worker.run(asyncio.Event()))
     client = RabbitMQTransport(RABBITMQ_URL)
     await client.connect()
@@ -152,13 +160,7 @@ async def test_reply_refused_by_the_broker_is_dead_lettered_once_not_looped(
         arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": dlq.name},
     )
     CountingMock.calls = 0
-    worker = Worker(
-        RabbitMQTransport(RABBITMQ_URL),
-        CountingMock(),
-        ChatCodec(max_bytes=65536),
-        WorkerConfig(input_queue=input_queue, output_queue=output_queue),
-    )
-    await worker.start()
+    worker = await started_worker(queue_names, provider=CountingMock())
     stop = asyncio.Event()
     running = asyncio.create_task(worker.run(stop))
     try:
