@@ -60,8 +60,12 @@ class RabbitDelivery(Delivery):
         self.type = message.type
         self.headers = dict(message.headers or {})
         self.redelivered = bool(message.redelivered)
+        self.settled = False
 
     async def _settle(self, action: str, **kwargs: Any) -> None:
+        if self.settled:  # exactly once, whatever path the worker took
+            return
+        self.settled = True
         try:
             await getattr(self._message, action)(**kwargs)
         except _CONNECTION_ERRORS as exc:
