@@ -9,7 +9,7 @@ import re
 import signal
 import sys
 from collections.abc import Coroutine
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -28,12 +28,17 @@ app = typer.Typer(
 err = Console(stderr=True)
 
 
+def _fail(message: object, status: int) -> NoReturn:
+    """Print ``error: message`` on stderr and exit with ``status`` (2: bad configuration)."""
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(status)
+
+
 def _settings() -> Settings:
     try:
         return Settings.load()
     except ConfigError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(2) from exc
+        _fail(exc, 2)
 
 
 def _mask_userinfo(text: str) -> str:
@@ -61,8 +66,7 @@ def run() -> None:
         if settings.transport == "local":
             settings.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        err.print(f"[bold red]error:[/] invalid configuration: DATA_DIR: {exc}", highlight=False)
-        raise typer.Exit(2) from exc
+        _fail(f"invalid configuration: DATA_DIR: {exc}", 2)
     try:
         setup_logging(
             level=settings.log_level,
@@ -71,8 +75,7 @@ def run() -> None:
             secrets=[settings.rabbitmq_password.get_secret_value()],
         )
     except OSError as exc:
-        err.print(f"[bold red]error:[/] invalid configuration: LOG_FILE: {exc}", highlight=False)
-        raise typer.Exit(2) from exc
+        _fail(f"invalid configuration: LOG_FILE: {exc}", 2)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -84,8 +87,7 @@ def run() -> None:
     try:
         _run(main())
     except ChatProcessorError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(1) from exc
+        _fail(exc, 1)
 
 
 @app.command()
@@ -137,16 +139,14 @@ def send(
 
     try:
         reply = _run(main())
-    except TimeoutError as exc:
-        err.print(
-            f"[bold red]error:[/] no answer within {timeout:.0f}s: is the worker running "
+    except TimeoutError:
+        _fail(
+            f"no answer within {timeout:.0f}s: is the worker running "
             f"(chatprocessor run) with TRANSPORT={settings.transport}?",
-            highlight=False,
+            1,
         )
-        raise typer.Exit(1) from exc
     except ChatProcessorError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(1) from exc
+        _fail(exc, 1)
     lowered = {k.lower().replace("_", ""): v for k, v in reply.items()}
     if json_output:
         if stream:
@@ -157,8 +157,7 @@ def send(
     else:
         sys.stdout.write(f"{lowered.get('message', '')}\n")
     if lowered.get("error"):
-        err.print(f"[bold red]error:[/] {lowered['error']}", highlight=False)
-        raise typer.Exit(1)
+        _fail(lowered["error"], 1)
 
 
 @app.command()

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
 
 
 @dataclass(slots=True)
@@ -27,7 +26,6 @@ class Job:
     stream: bool = False
     reply_to: str | None = None
     correlation_id: str | None = None
-    received_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     def messages(self, default_system_prompt: str = "") -> list[ChatMessage]:
         """The conversation sent to the model: optional system prompt, then the user's turn."""

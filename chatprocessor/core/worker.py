@@ -59,7 +59,6 @@ class Worker:
         self.codec = codec
         self.config = config
         self._tasks: set[asyncio.Task[None]] = set()
-        self.provider_ready = False
 
     # -- start-up ----------------------------------------------------------------------
 
@@ -77,8 +76,7 @@ class Worker:
 
     async def check_provider(self) -> bool:
         """Log whether the provider answers and has its default model."""
-        self.provider_ready = await self.provider.ping()
-        if not self.provider_ready:
+        if not await self.provider.ping():
             log.error(
                 "provider %s is not reachable; jobs will get error replies until it is",
                 self.provider.name,

@@ -33,7 +33,12 @@ class Outgoing:
 
 
 class Delivery(abc.ABC):
-    """A message taken from a queue, to be settled exactly once."""
+    """A message taken from a queue, to be settled exactly once.
+
+    The public methods keep the exactly-once rule for every transport (a second
+    settle, whatever path the worker took, does nothing); adapters implement
+    the underscored ones.
+    """
 
     body: bytes
     message_id: str | None
@@ -42,18 +47,37 @@ class Delivery(abc.ABC):
     type: str | None
     headers: dict[str, Any]
     redelivered: bool
+    settled: bool = False
 
-    @abc.abstractmethod
+    def _first_settle(self) -> bool:
+        if self.settled:
+            return False
+        self.settled = True
+        return True
+
     async def ack(self) -> None:
         """Done: remove it from the queue."""
+        if self._first_settle():
+            await self._ack()
 
-    @abc.abstractmethod
     async def dead_letter(self, reason: str) -> None:
         """Never retry: move it aside with the reason."""
+        if self._first_settle():
+            await self._dead_letter(reason)
 
-    @abc.abstractmethod
     async def release(self) -> None:
         """Not processed: put it back for another consumer."""
+        if self._first_settle():
+            await self._release()
+
+    @abc.abstractmethod
+    async def _ack(self) -> None: ...
+
+    @abc.abstractmethod
+    async def _dead_letter(self, reason: str) -> None: ...
+
+    @abc.abstractmethod
+    async def _release(self) -> None: ...
 
 
 class ReplyQueue(Protocol):

@@ -82,21 +82,14 @@ class LocalDelivery(Delivery):
         self.attempts: int = row[7]
         self.redelivered = self.attempts > 1
         self.lease = lease
-        self.settled = False
 
-    async def _settle(self, fn: Callable[[sqlite3.Connection], None]) -> None:
-        if self.settled:
-            return
-        self.settled = True
-        await self._transport._settle(self, fn)
-
-    async def ack(self) -> None:
+    async def _ack(self) -> None:
         def delete(db: sqlite3.Connection) -> None:
             db.execute("DELETE FROM messages WHERE id = ? AND lease = ?", (self.row_id, self.lease))
 
-        await self._settle(delete)
+        await self._transport._settle(self, delete)
 
-    async def dead_letter(self, reason: str) -> None:
+    async def _dead_letter(self, reason: str) -> None:
         def move(db: sqlite3.Connection) -> None:
             moved = db.execute(
                 "INSERT INTO dead_letters (queue, body, message_id, correlation_id, reply_to, type,"
@@ -110,16 +103,16 @@ class LocalDelivery(Delivery):
                     "DELETE FROM messages WHERE id = ? AND lease = ?", (self.row_id, self.lease)
                 )
 
-        await self._settle(move)
+        await self._transport._settle(self, move)
 
-    async def release(self) -> None:
+    async def _release(self) -> None:
         def put_back(db: sqlite3.Connection) -> None:
             db.execute(
                 "UPDATE messages SET visible_at = ?, lease = NULL WHERE id = ? AND lease = ?",
                 (time.time(), self.row_id, self.lease),
             )
 
-        await self._settle(put_back)
+        await self._transport._settle(self, put_back)
 
 
 class LocalReplyQueue:

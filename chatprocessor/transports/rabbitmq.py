@@ -60,12 +60,8 @@ class RabbitDelivery(Delivery):
         self.type = message.type
         self.headers = dict(message.headers or {})
         self.redelivered = bool(message.redelivered)
-        self.settled = False
 
     async def _settle(self, action: str, **kwargs: Any) -> None:
-        if self.settled:  # exactly once, whatever path the worker took
-            return
-        self.settled = True
         try:
             await getattr(self._message, action)(**kwargs)
         except _CONNECTION_ERRORS as exc:
@@ -78,14 +74,14 @@ class RabbitDelivery(Delivery):
                 exc,
             )
 
-    async def ack(self) -> None:
+    async def _ack(self) -> None:
         await self._settle("ack")
 
-    async def dead_letter(self, reason: str) -> None:
+    async def _dead_letter(self, reason: str) -> None:
         # Without requeue: the queue's dead-letter exchange (if any, e.g. by policy) gets it.
         await self._settle("reject", requeue=False)
 
-    async def release(self) -> None:
+    async def _release(self) -> None:
         await self._settle("nack", requeue=True)
 
 
