@@ -7,10 +7,12 @@ import contextlib
 import logging
 
 from chatprocessor.contracts.chat import ChatCodec
+from chatprocessor.core.retry import RetryPolicy
 from chatprocessor.core.worker import Worker, WorkerConfig
 from chatprocessor.ops.server import OpsServer
 from chatprocessor.providers import build_providers
 from chatprocessor.settings import Settings
+from chatprocessor.stores import build_reply_store
 from chatprocessor.transports import build_transport
 
 log = logging.getLogger(__name__)
@@ -28,8 +30,16 @@ def build_worker(settings: Settings) -> Worker:
         prefetch=settings.prefetch_count,
         graceful_timeout=settings.graceful_timeout,
         system_prompt=settings.system_prompt,
+        retry=RetryPolicy.from_settings(settings),
+        job_timeout=settings.job_timeout,
     )
-    return Worker(build_transport(settings), build_providers(settings), codec, config)
+    return Worker(
+        build_transport(settings),
+        build_providers(settings),
+        codec,
+        config,
+        store=build_reply_store(settings),
+    )
 
 
 async def run_service(settings: Settings, stop: asyncio.Event) -> None:
@@ -65,6 +75,7 @@ async def run_service(settings: Settings, stop: asyncio.Event) -> None:
     finally:
         await worker.transport.close()
         await worker.provider.close()
+        await worker.store.close()
         if ops is not None:
             await ops.stop()
         log.info("chatprocessor stopped")

@@ -1,4 +1,4 @@
-"""The ``chatprocessor`` command: run, send, check."""
+"""The ``chatprocessor`` command: run, send, check, dlq."""
 
 from __future__ import annotations
 
@@ -46,6 +46,13 @@ def _mask_userinfo(text: str) -> str:
     return re.sub(r"(?<=://)[^/@\s]+@", "***@", text)
 
 
+def _url_passwords(url: str | None) -> list[str]:
+    from urllib.parse import urlsplit
+
+    password = urlsplit(url).password if url else None
+    return [password] if password else []
+
+
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     """asyncio.run, on uvloop when it is installed."""
     try:
@@ -63,7 +70,7 @@ def run() -> None:
 
     settings = _settings()
     try:  # paths are only truly known to work once used (root passes every access check)
-        if settings.transport == "local":
+        if settings.transport == "local" or settings.local_idempotency:
             settings.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         _fail(f"invalid configuration: DATA_DIR: {exc}", 2)
@@ -72,7 +79,11 @@ def run() -> None:
             level=settings.log_level,
             log_file=settings.log_file,
             fmt=settings.log_format,
-            secrets=[settings.rabbitmq_password.get_secret_value()],
+            secrets=[
+                settings.rabbitmq_password.get_secret_value(),
+                settings.openai_api_key.get_secret_value(),
+                *_url_passwords(settings.redis_url),
+            ],
         )
     except OSError as exc:
         _fail(f"invalid configuration: LOG_FILE: {exc}", 2)
@@ -219,6 +230,15 @@ def check() -> None:
 def version() -> None:
     """Print the version."""
     typer.echo(__version__)
+
+
+def _add_subcommands() -> None:
+    from chatprocessor.cli_dlq import app as dlq_app
+
+    app.add_typer(dlq_app, name="dlq")
+
+
+_add_subcommands()
 
 
 def main() -> None:

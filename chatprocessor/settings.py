@@ -18,7 +18,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from chatprocessor.core.errors import ConfigError
 
-PROVIDER_NAMES = ("embedded", "ollama", "mock")
+PROVIDER_NAMES = ("embedded", "ollama", "openai", "mock")
 
 
 def _writable(directory: Path, *, create: bool) -> bool:
@@ -67,6 +67,24 @@ class Settings(BaseSettings):
     # Ollama, beyond the seed: connecting fails fast, reading waits OLLAMA_TIMEOUT.
     ollama_connect_timeout: float = Field(5.0, gt=0)
 
+    # An OpenAI-compatible server (api.openai.com, vLLM, llama_cpp.server, Ollama's /v1).
+    openai_base_url: str = "https://api.openai.com/v1"
+    openai_api_key: SecretStr = SecretStr("")
+    openai_model: str = Field("gpt-4o-mini", min_length=1)
+    openai_timeout: float = Field(300.0, gt=0)
+    openai_connect_timeout: float = Field(5.0, gt=0)
+
+    # Delivery guarantees: retries, deadlines, idempotency, circuit breaker.
+    max_retries: int = Field(5, ge=0, le=100)
+    retry_backoff_base: float = Field(1.0, gt=0)
+    retry_backoff_cap: float = Field(300.0, gt=0)
+    job_timeout: float = Field(600.0, gt=0)
+    rabbitmq_consumer_timeout: float = Field(1800.0, ge=0)
+    idempotency_ttl: int = Field(86_400, ge=0)
+    redis_url: str | None = None
+    breaker_fail_max: int = Field(5, ge=1)
+    breaker_reset_timeout: float = Field(30.0, gt=0)
+
     # The embedded model (llama-cpp-python with the bundled Gemma 3 270M).
     embedded_model_path: Path | None = None
     embedded_context: int = Field(2048, ge=256)
@@ -104,7 +122,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"unknown provider(s) {', '.join(unknown)}; choose from {choices}")
         return value
 
-    @field_validator("ollama_base_url")
+    @field_validator("ollama_base_url", "openai_base_url")
     @classmethod
     def _check_url(cls, value: str) -> str:
         parsed = urlsplit(value)
@@ -126,13 +144,55 @@ class Settings(BaseSettings):
             raise ValueError(f"cannot write {value}: its directory is missing or read-only")
         return value
 
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        parsed = urlsplit(value)
+        if parsed.scheme not in ("redis", "rediss", "unix") or not (parsed.hostname or parsed.path):
+            raise ValueError("expected a URL such as redis://localhost:6379/0")
+        return value
+
+    @property
+    def local_idempotency(self) -> bool:
+        """Replies are remembered in DATA_DIR (no REDIS_URL) rather than in Redis."""
+        return self.idempotency_ttl > 0 and self.redis_url is None
+
     @model_validator(mode="after")
     def _check_data_dir(self) -> Settings:
-        # Only the local transport keeps files there.
-        if self.transport == "local" and not _writable(self.data_dir.expanduser(), create=True):
+        # The local transport and the local idempotency store keep files there.
+        needed = self.transport == "local" or self.local_idempotency
+        if needed and not _writable(self.data_dir.expanduser(), create=True):
             raise ValueError(
                 f"DATA_DIR {self.data_dir} cannot be created or written (set DATA_DIR)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_delivery(self) -> Settings:
+        if self.retry_backoff_cap < self.retry_backoff_base:
+            raise ValueError(
+                f"RETRY_BACKOFF_CAP ({self.retry_backoff_cap}) must not be below "
+                f"RETRY_BACKOFF_BASE ({self.retry_backoff_base})"
+            )
+        # A job must end (reply or retry) before RabbitMQ closes the channel for holding it.
+        if (
+            self.transport == "rabbitmq"
+            and self.rabbitmq_consumer_timeout
+            and self.job_timeout >= self.rabbitmq_consumer_timeout
+        ):
+            raise ValueError(
+                f"JOB_TIMEOUT ({self.job_timeout:g}s) must be shorter than "
+                f"RABBITMQ_CONSUMER_TIMEOUT ({self.rabbitmq_consumer_timeout:g}s, the broker's "
+                "consumer_timeout)"
+            )
+        if (
+            "openai" in self.providers
+            and urlsplit(self.openai_base_url).hostname == "api.openai.com"
+            and not self.openai_api_key.get_secret_value()
+        ):
+            raise ValueError("OPENAI_API_KEY is required for api.openai.com")
         return self
 
     @field_validator("log_level", mode="before")
@@ -184,6 +244,7 @@ def describe_validation_error(exc: ValidationError) -> str:
             continue
         name = str(error["loc"][0]).upper()
         given = error.get("input")
-        shown = "" if isinstance(given, dict) or name.endswith("PASSWORD") else f" (got {given!r})"
+        secret = name.endswith(("PASSWORD", "KEY")) or name == "REDIS_URL"
+        shown = "" if isinstance(given, dict) or secret else f" (got {given!r})"
         lines.append(f"{name}: {error['msg']}{shown}")
     return "invalid configuration: " + "; ".join(lines)

@@ -1,8 +1,10 @@
-"""Shared fixtures. Tests marked ``rabbitmq`` need the broker on 127.0.0.1:5672:
-locally they skip when it is absent; in CI (CI=true) an absent broker fails them."""
+"""Shared fixtures. Tests marked ``rabbitmq`` need the broker on 127.0.0.1:5672, tests
+marked ``redis`` need Redis on 127.0.0.1:6379: locally they skip when the service is
+absent; in CI (CI=true) an absent service fails them."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import uuid
@@ -14,6 +16,11 @@ import pytest
 from tests.fakes.ollama import FakeOllama
 
 RABBITMQ_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+_SERVICES = {
+    "rabbitmq": (5672, "RabbitMQ", "rabbitmq-server -detached"),
+    "redis": (6379, "Redis", "redis-server --daemonize yes --port 6379 --save ''"),
+}
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
@@ -26,18 +33,24 @@ def _reachable(host: str, port: int) -> bool:
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    if item.get_closest_marker("rabbitmq") and not _reachable("127.0.0.1", 5672):
-        message = "RabbitMQ is not running on 127.0.0.1:5672 (start it: rabbitmq-server -detached)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+    for marker, (port, name, start) in _SERVICES.items():
+        if item.get_closest_marker(marker) and not _reachable("127.0.0.1", port):
+            message = f"{name} is not running on 127.0.0.1:{port} (start it: {start})"
+            if IN_CI:
+                pytest.fail(message)
+            pytest.skip(message)
 
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
     """Settings come from the environment: keep the developer's out of tests."""
     for name in list(os.environ):
-        if name.startswith(("RABBITMQ_", "OLLAMA_", "EMBEDDED_", "LOCAL_")) or name in {
+        prefixes = ("RABBITMQ_", "OLLAMA_", "EMBEDDED_", "LOCAL_", "OPENAI_", "RETRY_", "BREAKER_")
+        if name.startswith(prefixes) or name in {
+            "MAX_RETRIES",
+            "JOB_TIMEOUT",
+            "IDEMPOTENCY_TTL",
+            "REDIS_URL",
             "TRANSPORT",
             "PROVIDERS",
             "DATA_DIR",
@@ -65,10 +78,32 @@ async def fake_ollama() -> AsyncIterator[FakeOllama]:
 
 
 @pytest.fixture
-def queue_names() -> tuple[str, str]:
-    """Unique input/output queue names so tests never see each other's messages."""
+async def queue_names(request: pytest.FixtureRequest) -> AsyncIterator[tuple[str, str]]:
+    """Unique input/output queue names so tests never see each other's messages.
+
+    On RabbitMQ the queues a worker derives from them (``.dlq``, ``.retry.<ms>ms``
+    for the tiers tests use) are deleted afterwards too.
+    """
     tag = uuid.uuid4().hex[:10]
-    return f"test.{tag}.UserPromptReceived", f"test.{tag}.BotResponseCreated"
+    names = f"test.{tag}.UserPromptReceived", f"test.{tag}.BotResponseCreated"
+    yield names
+    if not request.node.get_closest_marker("rabbitmq") and "rabbitmq" not in request.node.name:
+        return
+    import aio_pika
+
+    from chatprocessor.core.retry import tier_name
+
+    derived = [f"{names[0]}.dlq", *(tier_name(names[0], t) for t in CLEANUP_TIERS)]
+    with contextlib.suppress(Exception):
+        connection = await aio_pika.connect(RABBITMQ_URL)
+        async with connection:
+            channel = await connection.channel()
+            for name in (*names, *derived):
+                await channel.queue_delete(name)
+
+
+#: Delay-queue tiers used by tests (and the default of a bare RabbitMQTransport).
+CLEANUP_TIERS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.6, 2.0)
 
 
 @pytest.fixture

@@ -8,17 +8,20 @@ dead-letter from the class alone::
     ├── ConfigError                  bad setting: startup stops, exit status 2
     ├── MessageRejected              permanent: the input itself is bad
     │   ├── MessageTooLarge          over MAX_MESSAGE_BYTES, checked before parsing
-    │   └── MalformedMessage         not JSON, or not the contract's schema
+    │   ├── MalformedMessage         not UTF-8 JSON, too deep, or not the contract's schema
+    │   └── Forbidden                the sender may not ask for this
     ├── ProviderError
     │   ├── ProviderUnavailable      transient: connection refused, 5xx
-    │   ├── ProviderTimeout          transient: no answer within the deadline
+    │   │   └── CircuitOpen          transient: skipped while its circuit breaker is open
+    │   ├── ProviderTimeout          transient: no answer within the deadline (or JOB_TIMEOUT)
     │   ├── RateLimited              transient: 429, carries retry_after
     │   └── BadRequest               permanent: the provider refused the request
     │       └── ModelNotFound        the model is not installed on the provider
-    └── TransportError
-        ├── BrokerUnavailable        transient: cannot reach the broker
-        └── PublishFailed            the broker refused a publish (nack)
-            └── Unroutable           returned: no queue of that name (mandatory)
+    ├── TransportError
+    │   ├── BrokerUnavailable        transient: cannot reach the broker
+    │   └── PublishFailed            the broker refused a publish (nack)
+    │       └── Unroutable           returned: no queue of that name (mandatory)
+    └── StoreUnavailable             transient: the idempotency store (SQLite, Redis) failed
 """
 
 from __future__ import annotations
@@ -47,6 +50,10 @@ class MalformedMessage(MessageRejected):
     """The body is not valid JSON or does not match the contract."""
 
 
+class Forbidden(MessageRejected):
+    """The message asks for something its sender may not have."""
+
+
 class ProviderError(ChatProcessorError):
     """An LLM provider failed to answer."""
 
@@ -55,6 +62,10 @@ class ProviderError(ChatProcessorError):
 
 class ProviderUnavailable(ProviderError):
     """The provider cannot be reached or answered with a server error."""
+
+
+class CircuitOpen(ProviderUnavailable):
+    """The provider failed repeatedly; it is skipped until its cool-down ends."""
 
 
 class ProviderTimeout(ProviderError):
@@ -95,3 +106,9 @@ class PublishFailed(TransportError):
 
 class Unroutable(PublishFailed):
     """The destination queue does not exist: the broker returned the message."""
+
+
+class StoreUnavailable(ChatProcessorError):
+    """A state store (the idempotency store) cannot be read or written."""
+
+    transient = True

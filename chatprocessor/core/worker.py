@@ -2,10 +2,13 @@
 
 Delivery rules kept here (DESIGN.md, "Rules of delivery"):
 - the input is acked only after the reply's publish was confirmed;
-- a message that can never be processed is dead-lettered at once, with its reason,
-  and the chat still gets an error reply when its conversation id can be read;
-- a provider failure produces an error reply (no chat window waits forever) and
-  the message is dead-lettered with the reason;
+- a reply is remembered (idempotency store) before it is published, so a
+  redelivered job gets the same reply again without a second LLM call;
+- a transient failure (provider down, 5xx, 429, timeout, JOB_TIMEOUT) goes
+  through a delay queue with exponential backoff and jitter, MAX_RETRIES times;
+- after the last attempt, or at once for a permanent failure, the job is
+  dead-lettered with its reason, and the chat gets an error reply whenever its
+  conversation id can be read: no chat window waits forever;
 - on shutdown, jobs not finished within the grace period go back to the queue.
 """
 
@@ -15,21 +18,35 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from chatprocessor.contracts.chat import ChatCodec, reply_message_id, request_id
 from chatprocessor.core.errors import (
     BrokerUnavailable,
     MessageRejected,
     ProviderError,
+    ProviderTimeout,
     PublishFailed,
+    RateLimited,
+    StoreUnavailable,
     Unroutable,
 )
 from chatprocessor.core.job import Job, Result
+from chatprocessor.core.retry import RetryPolicy
 from chatprocessor.ops import metrics
 from chatprocessor.ops.logging import conversation_id_var
 from chatprocessor.providers.base import ChatRequest, Provider, same_model
-from chatprocessor.transports.base import Delivery, Outgoing, Transport
+from chatprocessor.stores.replies import NoReplyStore, ReplyStore, StoredReply
+from chatprocessor.transports.base import (
+    FAILED,
+    INTERNAL_ERROR,
+    REJECTED,
+    REPLY_REFUSED,
+    RETRIES_EXHAUSTED,
+    Delivery,
+    Outgoing,
+    Transport,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,18 +63,31 @@ class WorkerConfig:
     system_prompt: str = ""
     #: Streamed tokens are batched for this long before a chunk message is published.
     stream_flush_interval: float = 0.05
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    #: Deadline of one attempt (JOB_TIMEOUT); shorter than the broker's consumer timeout.
+    job_timeout: float = 600.0
+
+
+#: A delayed message back before its due time takes another hop: never early (Retry-After).
+_EARLY_TOLERANCE = 0.0
 
 
 class Worker:
     """Consumes ``input_queue`` and answers every job; ``prefetch`` jobs run at once."""
 
     def __init__(
-        self, transport: Transport, provider: Provider, codec: ChatCodec, config: WorkerConfig
+        self,
+        transport: Transport,
+        provider: Provider,
+        codec: ChatCodec,
+        config: WorkerConfig,
+        store: ReplyStore | None = None,
     ) -> None:
         self.transport = transport
         self.provider = provider
         self.codec = codec
         self.config = config
+        self.store: ReplyStore = store or NoReplyStore()
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- start-up ----------------------------------------------------------------------
@@ -65,7 +95,7 @@ class Worker:
     async def start(self) -> None:
         """Startup health checks: broker (retrying until it answers), queues, provider."""
         await self.transport.connect()
-        await self.transport.declare(self.config.input_queue)
+        await self.transport.declare_input(self.config.input_queue)
         await self.transport.declare(self.config.output_queue)
         log.info(
             "broker ready; consuming %r, replying to %r",
@@ -151,27 +181,43 @@ class Worker:
         try:
             outcome = await self._process(delivery)
         except asyncio.CancelledError:
-            await asyncio.shield(delivery.release())
+            await asyncio.shield(self._release(delivery))
             metrics.MESSAGES.labels("released").inc()
             raise
-        except BrokerUnavailable as exc:
-            # The connection failed under us: hand the job back (on a dead
-            # connection the broker does that by itself) so it is redelivered.
+        except (BrokerUnavailable, PublishFailed) as exc:
+            # The broker failed under us (or refused our retry/dead-letter copy):
+            # hand the job back so it is redelivered (on a dead connection the
+            # broker does that by itself).
             log.error("broker failed while processing (%s); the message will be redelivered", exc)
-            with contextlib.suppress(BrokerUnavailable):
-                await delivery.release()
+            await self._release(delivery)
             outcome = "released"
         except Exception as exc:
             # A bug or a surprise from a library must not wedge a prefetch slot:
             # settle the message like a permanent failure and keep going.
             log.exception("unexpected error while processing message %s", delivery.message_id)
-            outcome = await self._reject(delivery, f"internal error: {type(exc).__name__}: {exc}")
+            reason = f"internal error: {type(exc).__name__}: {exc}"
+            try:
+                outcome = await self._reject(delivery, reason, kind=INTERNAL_ERROR)
+            except Exception:
+                log.exception("could not dead-letter message %s", delivery.message_id)
+                await self._release(delivery)
+                outcome = "released"
         finally:
             metrics.IN_FLIGHT.dec()
             metrics.PROCESSING_SECONDS.observe(time.perf_counter() - started)
         metrics.MESSAGES.labels(outcome).inc()
 
+    @staticmethod
+    async def _release(delivery: Delivery) -> None:
+        with contextlib.suppress(BrokerUnavailable):
+            await delivery.release()
+
     async def _process(self, delivery: Delivery) -> str:
+        wait = delivery.retry_at - time.time()
+        if wait > _EARLY_TOLERANCE:
+            # Back from a delay queue shorter than its delay: one more hop, no attempt spent.
+            await delivery.retry(wait, "waiting for the retry time", count=False)
+            return "delayed"
         try:
             job = self.codec.decode(
                 delivery.body,
@@ -184,38 +230,84 @@ class Worker:
 
         token = conversation_id_var.set(job.conversation_id)
         try:
-            log.info(
-                "Processing prompt (%d chars)%s",
-                len(job.prompt),
-                " [redelivered]" if delivery.redelivered else "",
-            )
-            log.debug("prompt: %s", job.prompt)
-            try:
-                result = await self._answer(job)
-                await self._publish_reply(job, result)
-            except Unroutable as exc:
-                # Only reply_to queues are unroutable here: the requester left.
-                log.warning("requester is gone, reply dropped: %s", exc)
-                await delivery.ack()
-                return "requester_gone"
-            except PublishFailed as exc:
-                # The broker refused the reply (nack): park the job, never requeue in a loop.
-                reason = f"reply not accepted by the broker: {exc}"
-                log.error("%s", reason)
-                await delivery.dead_letter(reason)
-                return "reply_refused"
-            if result.error is None:
-                await delivery.ack()
-                log.info(
-                    "Response published (%s ms, model %s)", result.latency_ms, result.model_used
-                )
-                return "replied"
-            await delivery.dead_letter(result.error)
-            return "error_reply"
+            return await self._process_job(delivery, job)
         finally:
             conversation_id_var.reset(token)
 
-    async def _reject(self, delivery: Delivery, reason: str) -> str:
+    async def _process_job(self, delivery: Delivery, job: Job) -> str:
+        key = f"{self.config.input_queue}:{job.id}"
+        stored = await self._recall(key)
+        if stored is not None:
+            log.info("already answered: sending the stored reply again (no LLM call)")
+            metrics.DUPLICATES.inc()
+            outcome = await self._deliver(delivery, job, _outgoing(stored))
+            return "duplicate" if outcome == "replied" else outcome
+        log.info(
+            "Processing prompt (%d chars)%s%s",
+            len(job.prompt),
+            f" [attempt {delivery.attempt + 1}]" if delivery.attempt else "",
+            " [redelivered]" if delivery.redelivered else "",
+        )
+        log.debug("prompt: %s", job.prompt)
+        try:
+            result = await self._answer(job, delivery.attempt)
+        except ProviderError as exc:
+            return await self._failed(delivery, job, exc)
+        except PublishFailed as exc:  # a streamed chunk could not be published
+            return await self._publish_failed(delivery, exc)
+        message = self._reply(job, result)
+        await self._remember(key, message)
+        outcome = await self._deliver(delivery, job, message)
+        if outcome == "replied":
+            log.info("Response published (%s ms, model %s)", result.latency_ms, result.model_used)
+        return outcome
+
+    async def _deliver(self, delivery: Delivery, job: Job, message: Outgoing) -> str:
+        """Publish the reply (confirmed), then ack."""
+        try:
+            await self._publish_reply(job, message)
+        except PublishFailed as exc:
+            return await self._publish_failed(delivery, exc)
+        await delivery.ack()
+        return "replied"
+
+    async def _publish_failed(self, delivery: Delivery, exc: PublishFailed) -> str:
+        if isinstance(exc, Unroutable):
+            # Only reply_to queues are unroutable here: the requester left.
+            log.warning("requester is gone, reply dropped: %s", exc)
+            await delivery.ack()
+            return "requester_gone"
+        # The broker refused the reply (nack): park the job, never requeue in a loop.
+        reason = f"reply not accepted by the broker: {exc}"
+        log.error("%s", reason)
+        await self._dead_letter(delivery, reason, REPLY_REFUSED)
+        return "reply_refused"
+
+    async def _failed(self, delivery: Delivery, job: Job, exc: ProviderError) -> str:
+        """A failed attempt: back through a delay queue, or dead-lettered with an error reply."""
+        attempts = delivery.attempt + 1
+        if exc.transient and self.config.retry.should_retry(attempts):
+            retry_after = exc.retry_after if isinstance(exc, RateLimited) else None
+            delay = self.config.retry.delay(attempts, retry_after)
+            log.warning(
+                "attempt %d of %d failed (%s); retrying in %.1fs",
+                attempts,
+                self.config.retry.max_retries + 1,
+                exc,
+                delay,
+            )
+            await delivery.retry(delay, str(exc))
+            metrics.RETRIES.labels(type(exc).__name__).inc()
+            return "retried"
+        kind = RETRIES_EXHAUSTED if exc.transient else FAILED
+        reason = str(exc)
+        log.error("giving up after %d attempt(s): %s", attempts, reason)
+        error = Result(text="", model_used=job.model or self.provider.default_model, error=reason)
+        await self._send_error_reply(job, error)
+        await self._dead_letter(delivery, reason, kind)
+        return "dead_lettered"
+
+    async def _reject(self, delivery: Delivery, reason: str, *, kind: str = REJECTED) -> str:
         """Permanent failure: error reply if possible, then dead-letter with the reason."""
         conversation_id = self.codec.peek_conversation_id(delivery.body)
         token = conversation_id_var.set(conversation_id)
@@ -230,16 +322,41 @@ class Worker:
                     correlation_id=delivery.correlation_id,
                 )
                 error = Result(text="", model_used=self.provider.default_model, error=reason)
-                try:
-                    await self._publish_reply(job, error)
-                except (PublishFailed, BrokerUnavailable) as exc:
-                    log.warning("could not send the error reply: %s", exc)
-            await delivery.dead_letter(reason)
+                await self._send_error_reply(job, error)
+            await self._dead_letter(delivery, reason, kind)
         finally:
             conversation_id_var.reset(token)
         return "rejected"
 
-    async def _answer(self, job: Job) -> Result:
+    async def _send_error_reply(self, job: Job, error: Result) -> None:
+        try:
+            await self._publish_reply(job, self._reply(job, error))
+        except (PublishFailed, BrokerUnavailable) as exc:
+            log.warning("could not send the error reply: %s", exc)
+
+    @staticmethod
+    async def _dead_letter(delivery: Delivery, reason: str, kind: str) -> None:
+        await delivery.dead_letter(reason, reason=kind)
+        metrics.DEAD_LETTERS.labels(kind).inc()
+
+    async def _recall(self, key: str) -> StoredReply | None:
+        try:
+            return await self.store.get(key)
+        except StoreUnavailable as exc:
+            metrics.IDEMPOTENCY_ERRORS.inc()
+            log.warning("idempotency store unreadable (%s); answering without it", exc)
+            return None
+
+    async def _remember(self, key: str, message: Outgoing) -> None:
+        stored = StoredReply(message.body, message.message_id, message.correlation_id, message.type)
+        try:
+            await self.store.put(key, stored)
+        except StoreUnavailable as exc:
+            metrics.IDEMPOTENCY_ERRORS.inc()
+            log.warning("idempotency store unwritable (%s); a redelivery would ask again", exc)
+
+    async def _answer(self, job: Job, attempt: int = 0) -> Result:
+        """One attempt at the LLM, within JOB_TIMEOUT; raises ProviderError on failure."""
         request = ChatRequest(
             messages=job.messages(self.config.system_prompt),
             model=job.model,
@@ -256,25 +373,28 @@ class Worker:
         prompt_tokens = completion_tokens = None
         provider = self.provider.name
         try:
-            async for chunk in self.provider.chat(request, stream=streaming):
-                parts.append(chunk.delta)
-                if chunk.model:
-                    model = chunk.model
-                if chunk.provider:
-                    provider = chunk.provider
-                if chunk.done:
-                    prompt_tokens, completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
-                if streaming and chunk.delta:
-                    pending.append(chunk.delta)
-                    now = time.perf_counter()
-                    if now - last_flush >= self.config.stream_flush_interval:
-                        await self._publish_chunk(job, index, "".join(pending))
-                        index, pending, last_flush = index + 1, [], now
-            if pending:
-                await self._publish_chunk(job, index, "".join(pending))
-        except ProviderError as exc:
-            log.error("provider %s failed: %s", self.provider.name, exc)
-            return Result(text="", model_used=model, error=str(exc), latency_ms=_ms_since(started))
+            async with asyncio.timeout(self.config.job_timeout):
+                async for chunk in self.provider.chat(request, stream=streaming):
+                    parts.append(chunk.delta)
+                    if chunk.model:
+                        model = chunk.model
+                    if chunk.provider:
+                        provider = chunk.provider
+                    if chunk.done:
+                        prompt_tokens = chunk.prompt_tokens
+                        completion_tokens = chunk.completion_tokens
+                    if streaming and chunk.delta:
+                        pending.append(chunk.delta)
+                        now = time.perf_counter()
+                        if now - last_flush >= self.config.stream_flush_interval:
+                            await self._publish_chunk(job, attempt, index, "".join(pending))
+                            index, pending, last_flush = index + 1, [], now
+                if pending:
+                    await self._publish_chunk(job, attempt, index, "".join(pending))
+        except TimeoutError as exc:
+            raise ProviderTimeout(
+                f"no complete answer within JOB_TIMEOUT ({self.config.job_timeout:g}s)"
+            ) from exc
         finally:
             metrics.LLM_SECONDS.labels(provider).observe(time.perf_counter() - started)
         if prompt_tokens:
@@ -289,26 +409,29 @@ class Worker:
             latency_ms=_ms_since(started),
         )
 
-    async def _publish_chunk(self, job: Job, index: int, delta: str) -> None:
+    async def _publish_chunk(self, job: Job, attempt: int, index: int, delta: str) -> None:
         assert job.reply_to is not None
         await self.transport.publish(
             job.reply_to,
             Outgoing(
                 self.codec.encode_chunk(job.conversation_id, index, delta),
-                message_id=f"{reply_message_id(job.id)}.{index}",
+                # A retried attempt streams again from index 0, under new ids.
+                message_id=f"{reply_message_id(job.id)}.{attempt}.{index}",
                 correlation_id=job.correlation_id or job.id,
                 type=CHUNK_TYPE,
             ),
         )
 
-    async def _publish_reply(self, job: Job, result: Result) -> None:
-        """Publish and wait for the confirm; the output queue is re-declared once if it vanished."""
-        message = Outgoing(
+    def _reply(self, job: Job, result: Result) -> Outgoing:
+        return Outgoing(
             self.codec.encode(job.conversation_id, result),
             message_id=reply_message_id(job.id),
             correlation_id=job.correlation_id or job.id,
             type=REPLY_TYPE,
         )
+
+    async def _publish_reply(self, job: Job, message: Outgoing) -> None:
+        """Publish and wait for the confirm; the output queue is re-declared once if it vanished."""
         if job.reply_to:
             await self.transport.publish(job.reply_to, message)
             return
@@ -321,6 +444,15 @@ class Worker:
                 await self.transport.publish(self.config.output_queue, message)
             except Unroutable as exc:  # not "requester gone": the shared queue is missing
                 raise PublishFailed(str(exc)) from exc
+
+
+def _outgoing(stored: StoredReply) -> Outgoing:
+    return Outgoing(
+        stored.body,
+        message_id=stored.message_id,
+        correlation_id=stored.correlation_id,
+        type=stored.type,
+    )
 
 
 def _ms_since(start: float) -> int:

@@ -7,7 +7,8 @@ from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 # The _created series doubles every scrape for no use in dashboards.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
-#: Outcomes: replied, error_reply, rejected, released, requester_gone, reply_refused.
+#: Outcomes: replied, duplicate, retried, error_reply, rejected, released, requester_gone,
+#: reply_refused.
 MESSAGES = Counter(
     "chatprocessor_messages_total", "Messages taken from the input queue, by outcome", ["outcome"]
 )
@@ -24,3 +25,28 @@ LLM_SECONDS = Histogram(
 )
 TOKENS = Counter("chatprocessor_tokens_total", "Tokens processed", ["kind"])
 IN_FLIGHT = Gauge("chatprocessor_jobs_in_flight", "Jobs being processed now")
+RETRIES = Counter(
+    "chatprocessor_retries_total", "Jobs sent to a delay queue for another attempt", ["error"]
+)
+DEAD_LETTERS = Counter(
+    "chatprocessor_dead_letters_total", "Jobs moved to the dead-letter queue", ["reason"]
+)
+DUPLICATES = Counter(
+    "chatprocessor_duplicates_total",
+    "Redelivered jobs answered from the idempotency store instead of the LLM",
+)
+IDEMPOTENCY_ERRORS = Counter(
+    "chatprocessor_idempotency_errors_total", "Idempotency store reads or writes that failed"
+)
+FALLBACKS = Counter(
+    "chatprocessor_provider_fallbacks_total",
+    "Jobs a provider could not answer and handed to the next one",
+    ["provider"],
+)
+PROVIDER_FAILURES = Counter(
+    "chatprocessor_provider_failures_total", "Failed provider calls", ["provider", "error"]
+)
+#: 0 closed (calls go through), 1 half-open (one probe call), 2 open (skipped).
+BREAKER_STATE = Gauge(
+    "chatprocessor_breaker_state", "Circuit breaker state per provider", ["provider"]
+)

@@ -12,9 +12,14 @@ if TYPE_CHECKING:
 def build_transport(settings: Settings) -> Transport:
     """The transport TRANSPORT names, configured from settings."""
     if settings.transport == "rabbitmq":
+        from chatprocessor.core.retry import RetryPolicy
         from chatprocessor.transports.rabbitmq import RabbitMQTransport
 
-        return RabbitMQTransport(settings.rabbitmq_url, safe_url=settings.rabbitmq_safe_url)
+        return RabbitMQTransport(
+            settings.rabbitmq_url,
+            safe_url=settings.rabbitmq_safe_url,
+            retry_tiers=RetryPolicy.from_settings(settings).tiers(),
+        )
     from chatprocessor.transports.local import LocalTransport
 
     return LocalTransport(

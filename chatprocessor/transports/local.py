@@ -26,7 +26,13 @@ from typing import Any, TypeVar
 import orjson
 
 from chatprocessor.core.errors import BrokerUnavailable, Unroutable
-from chatprocessor.transports.base import Delivery, Outgoing
+from chatprocessor.transports.base import (
+    DLQ_QUEUE,
+    DeadLetter,
+    Delivery,
+    Outgoing,
+    replay_headers,
+)
 
 T = TypeVar("T")
 
@@ -70,8 +76,11 @@ _IDLE_POLL_MAX = 0.1
 class LocalDelivery(Delivery):
     """A claimed row; settling it deletes or moves the row if the lease is still ours."""
 
-    def __init__(self, transport: LocalTransport, row: tuple[Any, ...], lease: str) -> None:
+    def __init__(
+        self, transport: LocalTransport, queue: str, row: tuple[Any, ...], lease: str
+    ) -> None:
         self._transport = transport
+        self.queue = queue
         self.row_id: int = row[0]
         self.body = bytes(row[1])
         self.message_id = row[2]
@@ -79,8 +88,8 @@ class LocalDelivery(Delivery):
         self.reply_to = row[4]
         self.type = row[5]
         self.headers = orjson.loads(row[6]) if row[6] else {}
-        self.attempts: int = row[7]
-        self.redelivered = self.attempts > 1
+        self.attempts: int = row[7]  # claims, including those of workers that died
+        self.redelivered = self.attempts > self.attempt + 1
         self.lease = lease
 
     async def _ack(self) -> None:
@@ -89,14 +98,14 @@ class LocalDelivery(Delivery):
 
         await self._transport._settle(self, delete)
 
-    async def _dead_letter(self, reason: str) -> None:
+    async def _dead_letter(self, error: str, headers: dict[str, Any]) -> None:
         def move(db: sqlite3.Connection) -> None:
             moved = db.execute(
                 "INSERT INTO dead_letters (queue, body, message_id, correlation_id, reply_to, type,"
                 " headers, attempts, reason, failed_at) SELECT queue, body, message_id,"
-                " correlation_id, reply_to, type, headers, attempts, ?, ? FROM messages"
+                " correlation_id, reply_to, type, ?, attempts, ?, ? FROM messages"
                 " WHERE id = ? AND lease = ?",
-                (reason, time.time(), self.row_id, self.lease),
+                (orjson.dumps(headers), error, time.time(), self.row_id, self.lease),
             ).rowcount
             if moved:
                 db.execute(
@@ -104,6 +113,16 @@ class LocalDelivery(Delivery):
                 )
 
         await self._transport._settle(self, move)
+
+    async def _retry(self, delay: float, headers: dict[str, Any]) -> None:
+        def delay_it(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE messages SET visible_at = ?, lease = NULL, headers = ?"
+                " WHERE id = ? AND lease = ?",
+                (time.time() + delay, orjson.dumps(headers), self.row_id, self.lease),
+            )
+
+        await self._transport._settle(self, delay_it)
 
     async def _release(self) -> None:
         def put_back(db: sqlite3.Connection) -> None:
@@ -197,6 +216,9 @@ class LocalTransport:
     async def declare(self, queue: str) -> None:
         """Queues exist implicitly in the table; nothing to declare."""
 
+    async def declare_input(self, queue: str) -> None:
+        """Delays are a row's ``visible_at`` and dead letters a table: nothing to declare."""
+
     async def publish(self, destination: str, message: Outgoing) -> None:
         def insert(db: sqlite3.Connection) -> None:
             if (
@@ -246,11 +268,11 @@ class LocalTransport:
             # hand such a claim straight back instead of hiding it for the visibility timeout.
             row = await pending
             if row is not None:
-                await LocalDelivery(self, row, lease).release()
+                await LocalDelivery(self, queue, row, lease).release()
             raise
         if row is None:
             return None
-        delivery = LocalDelivery(self, row, lease)
+        delivery = LocalDelivery(self, queue, row, lease)
         self._held[delivery.row_id] = delivery
         return delivery
 
@@ -324,19 +346,59 @@ class LocalTransport:
 
         return await self._run(count)
 
-    async def dead_letters(self, queue: str) -> list[dict[str, Any]]:
-        """Dead-lettered messages of ``queue``, oldest first, with their reasons."""
+    async def list_dead_letters(self, queue: str, limit: int) -> list[DeadLetter]:
+        def rows(db: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            return db.execute(
+                "SELECT id, body, message_id, headers FROM dead_letters WHERE queue = ?"
+                " ORDER BY id LIMIT ?",
+                (queue, limit),
+            ).fetchall()
 
-        def rows(db: sqlite3.Connection) -> list[dict[str, Any]]:
-            cursor = db.execute(
-                "SELECT id, body, message_id, attempts, reason, failed_at FROM dead_letters"
-                " WHERE queue = ? ORDER BY id",
-                (queue,),
+        return [
+            DeadLetter(
+                id=str(row[0]),
+                body=bytes(row[1]),
+                message_id=row[2],
+                headers=orjson.loads(row[3]) if row[3] else {},
             )
-            names = [c[0] for c in cursor.description]
-            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+            for row in await self._run(rows)
+        ]
 
-        return await self._run(rows)
+    async def replay_dead_letters(
+        self, queue: str, *, limit: int | None = None, message_id: str | None = None
+    ) -> int:
+        def replay(db: sqlite3.Connection) -> int:
+            sql = (
+                "SELECT id, body, message_id, correlation_id, reply_to, type, headers"
+                " FROM dead_letters WHERE queue = ?"
+            )
+            params: list[Any] = [queue]
+            if message_id is not None:
+                sql += " AND message_id = ?"
+                params.append(message_id)
+            sql += " ORDER BY id LIMIT ?"
+            params.append(-1 if limit is None else limit)
+            now = time.time()
+            rows = db.execute(sql, params).fetchall()
+            for row in rows:
+                headers = orjson.loads(row[6]) if row[6] else {}
+                target = str(headers.get(DLQ_QUEUE) or queue)
+                clean = replay_headers(headers)
+                db.execute(
+                    "INSERT INTO messages (queue, body, message_id, correlation_id, reply_to,"
+                    " type, headers, visible_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (target, row[1], *row[2:6], orjson.dumps(clean) if clean else None, now, now),
+                )
+                db.execute("DELETE FROM dead_letters WHERE id = ?", (row[0],))
+            return len(rows)
+
+        return await self._run(replay, commit=True)
+
+    async def purge_dead_letters(self, queue: str) -> int:
+        def purge(db: sqlite3.Connection) -> int:
+            return db.execute("DELETE FROM dead_letters WHERE queue = ?", (queue,)).rowcount
+
+        return await self._run(purge, commit=True)
 
     async def ping(self) -> bool:
         try:

@@ -4,6 +4,13 @@ Two channels: one consumes (its QoS is the prefetch), one publishes with
 publisher confirms, so a slow consumer never holds up a confirm. Every publish
 is ``mandatory``: a reply to a queue that does not exist comes back as
 PublishFailed instead of vanishing.
+
+Each input queue gets ``<queue>.dlq`` and one delay queue per retry tier
+(``<queue>.retry.<ms>ms``: ``x-message-ttl`` on the queue, dead-lettering back
+to the input through the default exchange). Retrying or dead-lettering publishes
+a copy there, waits for its confirm, then acks the original; nothing relies on
+the input queue's own arguments, so a queue the platform declared differently
+keeps working.
 """
 
 from __future__ import annotations
@@ -24,8 +31,21 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
-from chatprocessor.core.errors import BrokerUnavailable, PublishFailed, Unroutable
-from chatprocessor.transports.base import Delivery, Outgoing
+from chatprocessor.core.errors import (
+    BrokerUnavailable,
+    PublishFailed,
+    TransportError,
+    Unroutable,
+)
+from chatprocessor.core.retry import pick_tier, tier_name
+from chatprocessor.transports.base import (
+    DLQ_QUEUE,
+    DeadLetter,
+    Delivery,
+    Outgoing,
+    dead_letter_name,
+    replay_headers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +71,15 @@ POLICY_ADVICE = (
 class RabbitDelivery(Delivery):
     """An AMQP message; settling it acks, rejects or requeues on its channel."""
 
-    def __init__(self, message: AbstractIncomingMessage) -> None:
+    def __init__(
+        self,
+        message: AbstractIncomingMessage,
+        transport: RabbitMQTransport | None = None,
+        queue: str = "",
+    ) -> None:
         self._message = message
+        self._transport = transport
+        self.queue = queue or message.routing_key or ""
         self.body = message.body
         self.message_id = message.message_id
         self.correlation_id = message.correlation_id
@@ -77,9 +104,33 @@ class RabbitDelivery(Delivery):
     async def _ack(self) -> None:
         await self._settle("ack")
 
-    async def _dead_letter(self, reason: str) -> None:
-        # Without requeue: the queue's dead-letter exchange (if any, e.g. by policy) gets it.
-        await self._settle("reject", requeue=False)
+    def _copy(self, headers: dict[str, Any]) -> Outgoing:
+        return Outgoing(
+            self.body,
+            message_id=self.message_id,
+            correlation_id=self.correlation_id,
+            reply_to=self.reply_to,
+            type=self.type,
+            headers=headers,
+            content_type=self._message.content_type,
+        )
+
+    async def _dead_letter(self, error: str, headers: dict[str, Any]) -> None:
+        if self._transport is None:  # a reply-queue message: nothing to park
+            await self._settle("reject", requeue=False)
+            return
+        await self._transport.publish_declaring(dead_letter_name(self.queue), self._copy(headers))
+        await self._settle("ack")
+
+    async def _retry(self, delay: float, headers: dict[str, Any]) -> None:
+        if self._transport is None:
+            await self._settle("nack", requeue=True)
+            return
+        tier = pick_tier(self._transport.retry_tiers, delay)
+        await self._transport.publish_declaring(
+            tier_name(self.queue, tier), self._copy(headers), input_queue=self.queue
+        )
+        await self._settle("ack")
 
     async def _release(self) -> None:
         await self._settle("nack", requeue=True)
@@ -106,9 +157,15 @@ class RabbitMQTransport:
     """A RabbitMQ broker reached through one robust connection."""
 
     def __init__(
-        self, url: str, *, safe_url: str | None = None, connection_name: str | None = None
+        self,
+        url: str,
+        *,
+        safe_url: str | None = None,
+        connection_name: str | None = None,
+        retry_tiers: list[float] | None = None,
     ) -> None:
         self._url = url
+        self.retry_tiers = sorted(retry_tiers or [1.0])
         self._safe_url = safe_url or "the broker"
         # Shown in the management UI and rabbitmqctl list_connections.
         self.connection_name = (
@@ -160,12 +217,12 @@ class RabbitMQTransport:
         self._publish_exchange = self._publish_channel.default_exchange
         log.info("connected to RabbitMQ at %s", self._safe_url)
 
-    async def declare(self, queue: str) -> None:
+    async def declare(self, queue: str, *, arguments: dict[str, Any] | None = None) -> None:
         """Declare durable; a queue declared otherwise is used as it is, with advice logged."""
         channels = [await self.connection.channel()]
         try:
             try:
-                await channels[0].declare_queue(queue, durable=True)
+                await channels[0].declare_queue(queue, durable=True, arguments=arguments)
             except aiormq.exceptions.ChannelPreconditionFailed as exc:
                 log.warning("%s (broker said: %s)", POLICY_ADVICE.format(queue=queue), exc)
                 self.existing_queues.add(queue)
@@ -176,6 +233,25 @@ class RabbitMQTransport:
             for channel in channels:
                 with contextlib.suppress(*_CONNECTION_ERRORS, aiormq.exceptions.ChannelClosed):
                     await channel.close()
+
+    async def declare_input(self, queue: str) -> None:
+        """The input, its dead-letter queue and its delay queues (one per retry tier)."""
+        await self.declare(queue)
+        await self.declare(dead_letter_name(queue))
+        for tier in self.retry_tiers:
+            await self._declare_tier(queue, tier)
+
+    async def _declare_tier(self, queue: str, tier: float) -> None:
+        # The TTL is the queue's, so messages expire in order; expiry routes them
+        # back to the input through the default exchange.
+        await self.declare(
+            tier_name(queue, tier),
+            arguments={
+                "x-message-ttl": round(tier * 1000),
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": queue,
+            },
+        )
 
     async def consume(self, queue: str, prefetch: int) -> AsyncIterator[Delivery]:
         # The channel outlives the consumer: deliveries still being processed when
@@ -189,7 +265,7 @@ class RabbitMQTransport:
             async with amqp_queue.iterator() as iterator:
                 await self._watch_consumer(channel, iterator, queue)
                 async for message in iterator:
-                    yield RabbitDelivery(message)
+                    yield RabbitDelivery(message, self, queue)
         except aiormq.exceptions.AMQPError as exc:
             raise BrokerUnavailable(f"consuming {queue!r} failed: {exc}") from exc
 
@@ -226,13 +302,13 @@ class RabbitMQTransport:
             raise BrokerUnavailable("not connected to RabbitMQ")
         amqp_message = aio_pika.Message(
             message.body,
-            content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=message.message_id,
             correlation_id=message.correlation_id,
             reply_to=message.reply_to,
             type=message.type,
             headers=message.headers or None,
+            content_type=message.content_type or "application/json",
         )
         try:
             await self._publish_exchange.publish(amqp_message, destination, mandatory=True)
@@ -242,6 +318,91 @@ class RabbitMQTransport:
             raise PublishFailed(f"broker refused the message for {destination!r}") from exc
         except _CONNECTION_ERRORS as exc:
             raise BrokerUnavailable(f"publish to {destination!r} failed: {exc}") from exc
+
+    async def publish_declaring(
+        self, destination: str, message: Outgoing, *, input_queue: str | None = None
+    ) -> None:
+        """Publish to one of our own queues, declaring it again if someone deleted it."""
+        try:
+            await self.publish(destination, message)
+        except Unroutable:
+            log.warning("queue %r was missing; declaring it again", destination)
+            if input_queue is not None:
+                await self.declare_input(input_queue)
+            else:
+                await self.declare(destination)
+            await self.publish(destination, message)
+
+    # -- dead letters (chatprocessor dlq) ------------------------------------------------
+
+    @staticmethod
+    async def _dead_letter_queue(channel: AbstractChannel, queue: str) -> Any:
+        try:
+            return await channel.declare_queue(dead_letter_name(queue), passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            raise TransportError(
+                f"queue {dead_letter_name(queue)!r} does not exist: no worker has consumed "
+                f"{queue!r} yet"
+            ) from exc
+
+    async def _browse(
+        self, queue: str, limit: int | None
+    ) -> tuple[AbstractChannel, list[AbstractIncomingMessage]]:
+        """Take up to ``limit`` messages unacked; closing the channel puts back the rest."""
+        channel = await self.connection.channel()
+        amqp_queue = await self._dead_letter_queue(channel, queue)
+        messages: list[AbstractIncomingMessage] = []
+        while limit is None or len(messages) < limit:
+            message = await amqp_queue.get(no_ack=False, fail=False)
+            if message is None:
+                break
+            messages.append(message)
+        return channel, messages
+
+    async def list_dead_letters(self, queue: str, limit: int) -> list[DeadLetter]:
+        channel, messages = await self._browse(queue, limit)
+        try:
+            return [
+                DeadLetter(
+                    id=str(position),
+                    body=message.body,
+                    message_id=message.message_id,
+                    headers=dict(message.headers or {}),
+                )
+                for position, message in enumerate(messages, start=1)
+            ]
+        finally:
+            await channel.close()  # every browsed message goes back, in its place
+
+    async def replay_dead_letters(
+        self, queue: str, *, limit: int | None = None, message_id: str | None = None
+    ) -> int:
+        channel, messages = await self._browse(queue, None if message_id else limit)
+        replayed = 0
+        try:
+            for message in messages:
+                if message_id is not None and message.message_id != message_id:
+                    continue
+                if limit is not None and replayed >= limit:
+                    break
+                headers = dict(message.headers or {})
+                target = str(headers.get(DLQ_QUEUE) or queue)
+                copy = RabbitDelivery(message, None, target)._copy(replay_headers(headers))
+                await self.publish(target, copy)  # confirmed before the dead letter goes
+                await message.ack()
+                replayed += 1
+        finally:
+            await channel.close()
+        return replayed
+
+    async def purge_dead_letters(self, queue: str) -> int:
+        channel = await self.connection.channel()
+        try:
+            amqp_queue = await self._dead_letter_queue(channel, queue)
+            result = await amqp_queue.purge()
+            return int(result.message_count or 0)
+        finally:
+            await channel.close()
 
     async def open_reply_queue(self) -> RabbitReplyQueue:
         channel = await self.connection.channel()

@@ -348,7 +348,7 @@ async def test_deleted_output_queue_is_declared_again_and_gets_the_reply(
     assert orjson.loads(reply.body)["conversation_id"] == 123
 
 
-# -- (d) malformed input and the queue's dead-letter exchange -------------------------------------
+# -- (d) malformed input and a platform-declared queue with its own dead-letter exchange -------------------------------------
 
 
 async def test_malformed_message_lands_in_the_dead_letter_queue_unchanged(
@@ -376,9 +376,14 @@ async def test_malformed_message_lands_in_the_dead_letter_queue_unchanged(
     dead = await get_raw(channel, dlq, n=2)
     assert [m.body for m in dead] == [b"{not json", schema_error]
     assert [m.message_id for m in dead] == ["d-1", "d-2"]
-    death = dead[0].headers["x-death"]
-    assert isinstance(death, list)
-    assert death[0]["reason"] == "rejected"  # rejected without requeue, not expired
+    # Parked by the worker itself (publish, confirm, ack), with its reasons in headers:
+    # the queue's own dead-letter arguments are not needed and not used.
+    headers = dead[0].headers
+    assert "x-death" not in headers
+    assert headers["x-dead-letter-reason"] == "rejected"
+    assert "not valid JSON" in str(headers["x-last-error"])
+    assert headers["x-original-queue"] == input_queue
+    assert headers["x-attempts"] == 0
 
     replies = await get_raw(channel, output_queue, n=2)
     bodies = [orjson.loads(m.body) for m in replies]

@@ -15,16 +15,28 @@ from typing import Any
 
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 
 from chatprocessor.contracts.chat import ChatCodec, reply_message_id
+from chatprocessor.core.retry import RetryPolicy, tier_name
 from chatprocessor.core.worker import CHUNK_TYPE, REPLY_TYPE, Worker, WorkerConfig
 from chatprocessor.providers.mock import MockProvider
 from chatprocessor.providers.ollama import OllamaProvider
-from chatprocessor.transports.base import Delivery, Outgoing, Transport
+from chatprocessor.stores.replies import SQLiteReplyStore
+from chatprocessor.transports.base import DeadLetter, Delivery, Outgoing, Transport
 from chatprocessor.transports.local import LocalTransport
 from chatprocessor.transports.rabbitmq import RabbitMQTransport
 from tests.conftest import RABBITMQ_URL
 from tests.fakes.ollama import FakeOllama
+
+
+def chat_calls(fake: FakeOllama) -> list[dict[str, Any]]:
+    return [r for r in fake.requests if r["path"] == "/api/chat"]
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
 
 SEED_PROMPT = {
     "conversation_id": 123,
@@ -65,11 +77,33 @@ class Env:
         await asyncio.wait_for(collect(), timeout)
         return got
 
+    async def no_dead_letters(self) -> None:
+        admin: Any = self.client
+        assert await admin.list_dead_letters(self.input_queue, 10) == []
+
+    async def no_more_replies(self, wait: float = 0.5) -> None:
+        with pytest.raises(TimeoutError):
+            await self.replies(timeout=wait)
+
+    async def dead_letters(self, n: int, timeout: float = 10) -> list[DeadLetter]:
+        """Wait until ``n`` dead letters are parked (they stay there), oldest first."""
+        admin: Any = self.client
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            letters: list[DeadLetter] = await admin.list_dead_letters(self.input_queue, 100)
+            if len(letters) >= n or asyncio.get_running_loop().time() > deadline:
+                assert len(letters) == n, [letter.error for letter in letters]
+                return letters
+            await asyncio.sleep(0.05)
+
 
 def make_transport(kind: str, tmp_path: Path) -> Transport:
     if kind == "local":
         return LocalTransport(tmp_path / "queue.sqlite3", visibility_timeout=2)
-    return RabbitMQTransport(RABBITMQ_URL)
+    return RabbitMQTransport(RABBITMQ_URL, retry_tiers=RETRY_TIERS)
+
+
+RETRY_TIERS = [0.05, 0.1]
 
 
 @pytest.fixture(params=["local", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
@@ -90,11 +124,15 @@ async def start_env(
         provider = config.pop("provider", None) or OllamaProvider(
             fake_ollama.url, model="llama2", timeout=5, connect_timeout=1
         )
+        store = config.pop("store", None)
+        # Fast retries: 0.05 s, 0.1 s; then the dead-letter queue.
+        config.setdefault("retry", RetryPolicy(max_retries=2, base=0.05, cap=0.1))
         worker = Worker(
             make_transport(kind, tmp_path),
             provider,
             ChatCodec(max_bytes=config.pop("max_bytes", 65536), naming=naming),
             WorkerConfig(input_queue=input_queue, output_queue=output_queue, **config),
+            store=store,
         )
         await worker.start()
         client = make_transport(kind, tmp_path)
@@ -114,7 +152,9 @@ async def start_env(
         await env.worker.provider.close()
         if isinstance(env.client, RabbitMQTransport):
             channel = await env.client.connection.channel()
-            for queue in (env.input_queue, env.output_queue):
+            derived = [f"{env.input_queue}.dlq"]
+            derived += [tier_name(env.input_queue, tier) for tier in RETRY_TIERS]
+            for queue in (env.input_queue, env.output_queue, *derived):
                 with contextlib.suppress(Exception):
                     await channel.queue_delete(queue)
         await env.client.close()
@@ -210,25 +250,154 @@ async def test_malformed_messages_are_dead_lettered_and_worker_goes_on(
     assert bodies[0]["conversation_id"] == 5 and "message" in bodies[0]["error"]
     assert bodies[0]["message"] == ""
     assert bodies[1]["conversation_id"] == 123 and "error" not in bodies[1]
-    if kind == "local":
-        assert isinstance(env.worker.transport, LocalTransport)
-        dead = await env.worker.transport.dead_letters(env.input_queue)
-        reasons = [row["reason"] for row in dead]
-        assert len(reasons) == 3
-        assert "not valid JSON" in reasons[0]
-        assert "UserPromptReceived" in reasons[1]
-        assert "MAX_MESSAGE_BYTES" in reasons[2]
+    dead = await env.dead_letters(n=3)
+    errors = [letter.error for letter in dead]
+    assert "not valid JSON" in errors[0]
+    assert "UserPromptReceived" in errors[1]
+    assert "MAX_MESSAGE_BYTES" in errors[2]
+    assert [letter.reason for letter in dead] == ["rejected"] * 3
+    assert dead[2].body == b"x" * 70000  # unchanged
 
 
-async def test_provider_failure_sends_error_reply(start_env: Callable[..., Any]) -> None:
+async def test_transient_failures_are_retried_then_answered(start_env: Callable[..., Any]) -> None:
     env: Env = await start_env()
-    env.fake.fail_next(1, status=500)
-    await env.publish(SEED_PROMPT)
+    retries = metric("chatprocessor_retries_total", error="ProviderUnavailable")
+    env.fake.fail_next(2, status=500)  # MAX_RETRIES=2: the third attempt succeeds
+    await env.publish(SEED_PROMPT, message_id="flaky-1")
     [reply] = await env.replies()
     data = orjson.loads(reply.body)
-    assert data["conversation_id"] == 123
-    assert data["message"] == ""
-    assert "HTTP 500" in data["error"]
+    assert data["message"] == "Echo: What is the capital of France?"
+    assert "error" not in data
+    assert reply.message_id == reply_message_id("flaky-1")
+    assert len(chat_calls(env.fake)) == 3
+    assert metric("chatprocessor_retries_total", error="ProviderUnavailable") == retries + 2
+    await env.no_dead_letters()
+
+
+async def test_a_provider_that_never_recovers_ends_in_the_dlq_with_one_error_reply(
+    start_env: Callable[..., Any],
+) -> None:
+    env: Env = await start_env()
+    env.fake.fail_next(100, status=503)
+    await env.publish(SEED_PROMPT, message_id="doomed-1")
+    [reply] = await env.replies()
+    data = orjson.loads(reply.body)
+    assert data["conversation_id"] == 123 and data["message"] == ""
+    assert "HTTP 503" in data["error"]
+    [dead] = await env.dead_letters(n=1)
+    assert dead.reason == "retries_exhausted"
+    assert dead.attempts == 3  # the first try and MAX_RETRIES=2 retries
+    assert "HTTP 503" in dead.error
+    assert dead.message_id == "doomed-1"
+    assert orjson.loads(dead.body) == SEED_PROMPT  # unchanged
+    assert dead.headers["x-original-queue"] == env.input_queue
+    assert len(chat_calls(env.fake)) == 3
+    await env.no_more_replies()
+
+
+async def test_a_permanent_provider_error_is_dead_lettered_at_once(
+    start_env: Callable[..., Any],
+) -> None:
+    env: Env = await start_env()
+    await env.publish({**SEED_PROMPT, "model": "no-such-model"}, message_id="bad-model")
+    [reply] = await env.replies()
+    assert "not found" in orjson.loads(reply.body)["error"]
+    [dead] = await env.dead_letters(n=1)
+    assert dead.reason == "failed" and dead.attempts == 1
+    assert len(chat_calls(env.fake)) == 1
+
+
+async def test_retry_after_is_honoured(start_env: Callable[..., Any]) -> None:
+    env: Env = await start_env()
+    env.fake.retry_after = 0.6
+    env.fake.fail_next(1, status=429)
+    started = asyncio.get_running_loop().time()
+    await env.publish(SEED_PROMPT)
+    [reply] = await env.replies()
+    assert "error" not in orjson.loads(reply.body)
+    # The backoff alone is 0.05 s; the provider asked for 0.6 s.
+    assert asyncio.get_running_loop().time() - started >= 0.6
+
+
+async def test_job_timeout_ends_a_hung_attempt_and_the_retry_answers(
+    start_env: Callable[..., Any],
+) -> None:
+    env: Env = await start_env(job_timeout=0.5)
+    env.fake.hang_next(1)
+    await env.publish(SEED_PROMPT)
+    [reply] = await env.replies()
+    assert orjson.loads(reply.body)["message"].startswith("Echo:")
+    assert len(chat_calls(env.fake)) == 2
+
+
+async def test_a_redelivered_answered_job_gets_the_stored_reply_without_the_llm(
+    start_env: Callable[..., Any], tmp_path: Path
+) -> None:
+    env: Env = await start_env(store=SQLiteReplyStore(tmp_path / "replies.sqlite3", 60))
+    duplicates = metric("chatprocessor_duplicates_total")
+    await env.publish(SEED_PROMPT, message_id="twice-1")
+    [first] = await env.replies()
+    # The platform (or a redelivery after a crash before the ack) sends it again.
+    await env.publish(SEED_PROMPT, message_id="twice-1")
+    [second] = await env.replies()
+    assert second.message_id == first.message_id == reply_message_id("twice-1")
+    assert second.body == first.body
+    assert len(chat_calls(env.fake)) == 1
+    assert metric("chatprocessor_duplicates_total") == duplicates + 1
+
+
+async def test_replayed_dead_letters_are_answered(start_env: Callable[..., Any]) -> None:
+    env: Env = await start_env()
+    env.fake.fail_next(3, status=500)
+    await env.publish(SEED_PROMPT, message_id="replay-1")
+    [error_reply] = await env.replies()
+    assert "error" in orjson.loads(error_reply.body)
+    await env.dead_letters(n=1)
+    admin: Any = env.client
+    assert await admin.replay_dead_letters(env.input_queue) == 1
+    [reply] = await env.replies()
+    assert orjson.loads(reply.body)["message"].startswith("Echo:")
+    await env.no_dead_letters()
+
+
+async def test_dead_letters_can_be_purged(start_env: Callable[..., Any]) -> None:
+    env: Env = await start_env()
+    await env.publish(b"{broken")
+    await env.publish(b"{broken too")
+    await env.dead_letters(n=2)
+    admin: Any = env.client
+    assert await admin.purge_dead_letters(env.input_queue) == 2
+    await env.no_dead_letters()
+
+
+async def test_a_retried_stream_starts_again_from_index_zero(
+    start_env: Callable[..., Any],
+) -> None:
+    env: Env = await start_env(stream_flush_interval=0)
+    env.fake.token_delay = 0.01
+    env.fake.fail_mid_stream_next(1)
+    private = await env.client.open_reply_queue()
+    chunks: list[tuple[str | None, int]] = []
+    try:
+        await env.publish({**SEED_PROMPT, "stream": True}, reply_to=private.name)
+
+        async def until_final() -> dict[str, Any]:
+            async for delivery in private.messages():
+                if delivery.type == CHUNK_TYPE:
+                    chunks.append((delivery.message_id, orjson.loads(delivery.body)["index"]))
+                else:
+                    return dict(orjson.loads(delivery.body))
+            raise AssertionError("closed")
+
+        final = await asyncio.wait_for(until_final(), 10)
+    finally:
+        await private.close()
+    assert final["message"] == "Echo: What is the capital of France?"
+    indexes = [index for _, index in chunks]
+    restart = indexes.index(0, 1)  # the second attempt starts from 0 again
+    assert indexes[restart:] == list(range(len(indexes) - restart))
+    ids = [message_id for message_id, _ in chunks]
+    assert len(set(ids)) == len(ids)  # the attempts' chunks never share a message id
 
 
 async def test_streaming_chunks_go_to_reply_to(start_env: Callable[..., Any]) -> None:
@@ -325,10 +494,9 @@ async def test_unexpected_error_settles_the_message_and_worker_goes_on(
     assert first["conversation_id"] == 1
     assert "internal error: RuntimeError: boom" in first["error"]
     assert second["conversation_id"] == 2 and "error" not in second
-    if kind == "local":
-        assert isinstance(env.worker.transport, LocalTransport)
-        [dead] = await env.worker.transport.dead_letters(env.input_queue)
-        assert dead["message_id"] == "bug-1"
+    [dead] = await env.dead_letters(n=1)
+    assert dead.message_id == "bug-1"
+    assert dead.reason == "internal_error"
 
 
 async def test_streaming_to_a_vanished_reply_queue_is_dropped_and_worker_goes_on(

@@ -170,7 +170,7 @@ async def test_settling_twice_is_harmless(open_transport: Factory) -> None:
     [other] = await take(transport)
     assert other.body == b"two"
     await other.ack()
-    assert await transport.dead_letters(QUEUE) == []
+    assert await transport.list_dead_letters(QUEUE, 10) == []
     assert await transport.depth(QUEUE) == 0
 
 
@@ -279,13 +279,14 @@ async def test_dead_letter_keeps_it_aside_with_the_reason(open_transport: Factor
     await publish(transport, b"fine", message_id="m-fine")
     [delivery] = await take(transport)
     await delivery.dead_letter("body is not valid JSON")
-    dead = await transport.dead_letters(QUEUE)
+    dead = await transport.list_dead_letters(QUEUE, 10)
     assert len(dead) == 1
-    assert dead[0]["reason"] == "body is not valid JSON"
-    assert bytes(dead[0]["body"]) == b"{broken"
-    assert dead[0]["message_id"] == "m-dead"
-    assert dead[0]["attempts"] == 1
-    assert await transport.dead_letters("other") == []
+    assert dead[0].error == "body is not valid JSON"
+    assert dead[0].reason == "rejected"
+    assert dead[0].body == b"{broken"
+    assert dead[0].message_id == "m-dead"
+    assert dead[0].attempts == 0  # rejected before any attempt
+    assert await transport.list_dead_letters("other", 10) == []
 
     [fine] = await take(transport)
     assert fine.message_id == "m-fine"
@@ -293,7 +294,7 @@ async def test_dead_letter_keeps_it_aside_with_the_reason(open_transport: Factor
     other = await open_transport(visibility_timeout=0.3)
     await nothing_for(other, 0.8)  # never delivered again, not even after the timeout
     assert await other.depth(QUEUE) == 0
-    assert len(await other.dead_letters(QUEUE)) == 1
+    assert len(await other.list_dead_letters(QUEUE, 10)) == 1
 
 
 # -- visibility timeout and leases ----------------------------------------------------------------
@@ -345,7 +346,7 @@ async def test_stale_ack_does_not_delete_the_new_owners_claim(open_transport: Fa
     assert await fast.depth(QUEUE) == 1
     await stale.release()
     await stale.dead_letter("too late")
-    assert await fast.dead_letters(QUEUE) == []
+    assert await fast.list_dead_letters(QUEUE, 10) == []
     third = await open_transport(visibility_timeout=30)
     await nothing_for(third, 0.3)  # still claimed by fast, not made visible by the stale release
 
@@ -361,7 +362,7 @@ async def test_stale_dead_letter_does_not_steal_the_message(open_transport: Fact
     fast = await open_transport(visibility_timeout=30)
     [fresh] = await take(fast, timeout=5)
     await stale.dead_letter("stale reason")
-    assert await fast.dead_letters(QUEUE) == []
+    assert await fast.list_dead_letters(QUEUE, 10) == []
     assert await fast.depth(QUEUE) == 1
     await fresh.ack()
     assert await fast.depth(QUEUE) == 0

@@ -1,0 +1,112 @@
+"""The idempotency store: SQLite by default, Redis (the real server) with REDIS_URL."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chatprocessor.core.errors import StoreUnavailable
+from chatprocessor.settings import Settings
+from chatprocessor.stores import build_reply_store
+from chatprocessor.stores.replies import (
+    NoReplyStore,
+    RedisReplyStore,
+    ReplyStore,
+    SQLiteReplyStore,
+    StoredReply,
+)
+from tests.conftest import REDIS_URL
+
+REPLY = StoredReply(b'{"conversation_id": 1, "message": "hi \\u00e9"}', "mid-1", "corr-1", "T")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+async def open_store(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[Callable[..., Any]]:
+    stores: list[ReplyStore] = []
+
+    def factory(ttl: float = 60) -> ReplyStore:
+        store: ReplyStore
+        if request.param == "sqlite":
+            store = SQLiteReplyStore(tmp_path / "replies.sqlite3", ttl)
+        else:
+            store = RedisReplyStore(REDIS_URL, ttl)
+        stores.append(store)
+        return store
+
+    yield factory
+    for store in stores:
+        await store.close()
+
+
+def key() -> str:
+    return f"test-queue:{uuid.uuid4()}"
+
+
+async def test_a_stored_reply_comes_back_intact(open_store: Callable[..., Any]) -> None:
+    store = open_store()
+    k = key()
+    assert await store.get(k) is None
+    await store.put(k, REPLY)
+    assert await store.get(k) == REPLY
+    assert await store.ping()
+
+
+async def test_another_worker_sees_the_reply(open_store: Callable[..., Any]) -> None:
+    first, second = open_store(), open_store()
+    k = key()
+    await first.put(k, REPLY)
+    assert await second.get(k) == REPLY
+
+
+async def test_replies_expire_after_the_ttl(open_store: Callable[..., Any]) -> None:
+    store = open_store(ttl=0.3)
+    k = key()
+    await store.put(k, REPLY)
+    assert await store.get(k) == REPLY
+    await asyncio.sleep(0.5)
+    assert await store.get(k) is None
+
+
+async def test_an_unreachable_redis_is_a_store_error() -> None:
+    store = RedisReplyStore("redis://127.0.0.1:1/0", 60)
+    try:
+        with pytest.raises(StoreUnavailable):
+            await store.get("k")
+        with pytest.raises(StoreUnavailable):
+            await store.put("k", REPLY)
+        assert not await store.ping()
+    finally:
+        await store.close()
+
+
+async def test_an_unwritable_sqlite_file_is_a_store_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    store = SQLiteReplyStore(blocker / "replies.sqlite3", 60)
+    try:
+        with pytest.raises(StoreUnavailable):
+            await store.put("k", REPLY)
+    finally:
+        await store.close()
+
+
+async def test_settings_choose_the_store(tmp_path: Path) -> None:
+    local = build_reply_store(Settings.load(data_dir=tmp_path))
+    redis = build_reply_store(Settings.load(data_dir=tmp_path, redis_url=REDIS_URL))
+    off = build_reply_store(Settings.load(data_dir=tmp_path, idempotency_ttl=0))
+    try:
+        assert isinstance(local, SQLiteReplyStore) and local.path.parent == tmp_path
+        assert isinstance(redis, RedisReplyStore)
+        assert isinstance(off, NoReplyStore)
+        await off.put("k", REPLY)
+        assert await off.get("k") is None
+    finally:
+        for store in (local, redis, off):
+            await store.close()
