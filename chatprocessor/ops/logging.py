@@ -44,10 +44,18 @@ class RedactFilter(logging.Filter):
         if self.secrets:
             message = record.getMessage()
             if any(secret in message for secret in self.secrets):
-                for secret in self.secrets:
-                    message = message.replace(secret, "***")
-                record.msg, record.args = message, None
+                record.msg, record.args = self._mask(message), None
+            # ConversationFilter's tag comes from the message body too: mask it the same way.
+            for name in ("conversation", "conversation_id"):
+                value = getattr(record, name, None)
+                if value is not None and any(secret in str(value) for secret in self.secrets):
+                    setattr(record, name, self._mask(str(value)))
         return True
+
+    def _mask(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
 
 
 def _json_formatter() -> logging.Formatter:

@@ -29,6 +29,16 @@ def build_provider(name: str, settings: Settings) -> Provider:
             threads=settings.embedded_threads,
             max_tokens=settings.embedded_max_tokens,
         )
+    if name == "openai":
+        from chatprocessor.providers.openai import OpenAIProvider
+
+        return OpenAIProvider(
+            settings.openai_base_url,
+            api_key=settings.openai_api_key.get_secret_value(),
+            model=settings.openai_model,
+            timeout=settings.openai_timeout,
+            connect_timeout=settings.openai_connect_timeout,
+        )
     if name == "mock":
         from chatprocessor.providers.mock import MockProvider
 
@@ -37,10 +47,15 @@ def build_provider(name: str, settings: Settings) -> Provider:
 
 
 def build_providers(settings: Settings) -> Provider:
-    """PROVIDERS as one provider: the only one, or a router trying them in order."""
-    providers = [build_provider(name, settings) for name in settings.providers]
-    if len(providers) == 1:
-        return providers[0]
+    """PROVIDERS as one router trying them in order, each behind a circuit breaker.
+
+    A single provider gets a router too, so its breaker stops hammering it when it is down.
+    """
     from chatprocessor.providers.router import RouterProvider
 
-    return RouterProvider(providers)
+    providers = [build_provider(name, settings) for name in settings.providers]
+    return RouterProvider(
+        providers,
+        fail_max=settings.breaker_fail_max,
+        reset_timeout=settings.breaker_reset_timeout,
+    )

@@ -2,12 +2,19 @@
 
 Connecting fails fast (OLLAMA_CONNECT_TIMEOUT); reading waits OLLAMA_TIMEOUT.
 An ``{"error": ...}`` line in the middle of a stream is a failure, never a
-short answer.
+short answer. A 429 becomes RateLimited with the seconds of its Retry-After
+header: the client's ResponseError carries no headers, so an httpx response
+hook records them in a context variable that ``translate`` reads (the hook
+runs in the task that awaits the request, the one that catches the error).
 """
 
 from __future__ import annotations
 
+import contextvars
+import math
+import time
 from collections.abc import AsyncIterator, Mapping
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
@@ -23,6 +30,36 @@ from chatprocessor.core.errors import (
 )
 from chatprocessor.providers.base import ChatRequest, Chunk
 
+#: Retry-After (seconds) of the last response this task received; None unless it was a 429.
+_retry_after: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "ollama_retry_after", default=None
+)
+
+
+def parse_retry_after(raw: str | None) -> float | None:
+    """Seconds to wait from a Retry-After value: delay-seconds or an HTTP-date; else None."""
+    if raw is None:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(raw)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:  # HTTP-dates are GMT; a date without a zone is not one
+            return None
+        return max(0.0, when.timestamp() - time.time())
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+async def _record_retry_after(response: httpx.Response) -> None:
+    """httpx response hook: remember a 429's Retry-After for ``translate``."""
+    value = None
+    if response.status_code == 429:
+        value = parse_retry_after(response.headers.get("retry-after"))
+    _retry_after.set(value)
+
 
 def translate(exc: BaseException, model: str) -> ProviderError:
     """Map the client's and httpx's errors into the project's tree."""
@@ -31,7 +68,7 @@ def translate(exc: BaseException, model: str) -> ProviderError:
         if status == 404:
             return ModelNotFound(f"ollama: model {model!r} not found ({exc.error})")
         if status == 429:
-            return RateLimited(f"ollama: rate limited ({exc.error})")
+            return RateLimited(f"ollama: rate limited ({exc.error})", _retry_after.get())
         if 400 <= status < 500:
             return BadRequest(f"ollama: request refused, HTTP {status}: {exc.error}")
         if status == -1:
@@ -63,7 +100,9 @@ class OllamaProvider:
         self.base_url = base_url
         self.default_model = model
         self._client = ollama.AsyncClient(
-            host=base_url, timeout=httpx.Timeout(timeout, connect=connect_timeout)
+            host=base_url,
+            timeout=httpx.Timeout(timeout, connect=connect_timeout),
+            event_hooks={"response": [_record_retry_after]},
         )
         self._probe = ollama.AsyncClient(
             host=base_url, timeout=httpx.Timeout(PROBE_TIMEOUT, connect=connect_timeout)
@@ -93,6 +132,7 @@ class OllamaProvider:
         model = request.model or self.default_model
         messages = [{"role": m.role, "content": m.content} for m in request.messages]
         options = self._options(request)
+        _retry_after.set(None)
         try:
             if not stream:
                 response = await self._client.chat(model=model, messages=messages, options=options)

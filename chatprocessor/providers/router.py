@@ -1,7 +1,27 @@
-"""An ordered list of providers (PROVIDERS=ollama,embedded): the next one answers when one fails.
+"""Ordered providers (PROVIDERS=ollama,openai,embedded), each behind a circuit breaker.
 
-A provider is skipped only for transient failures that happen before it sent
-any text; once a stream has started, switching would splice two answers.
+A job goes to the first provider whose breaker lets it through; a transient
+failure before the first chunk hands it to the next one. Once a stream has
+started, a failure is raised: switching would splice two answers.
+
+Breakers are pybreaker's ``CircuitBreaker``, one per provider, used through
+``calling()`` around the whole stream:
+
+- only transient ProviderErrors (unavailable, timeout, 429) are failures;
+  ``fail_max`` consecutive ones open the breaker and the provider is skipped;
+- anything else that ends a call is a success (pybreaker has no neutral
+  outcome): an answer, a permanent refusal (the provider did answer), the
+  consumer stopping early or the job being cancelled;
+- ``reset_timeout`` seconds after opening, the next call is the one trial
+  (half-open); pybreaker would let concurrent calls through too, so the
+  router skips the others while the probe runs. Success closes, failure reopens.
+
+A permanent error (BadRequest, ModelNotFound) is raised at once when no
+provider was skipped or failed before it. After that it only means this
+fallback cannot serve the job (e.g. it lacks the model the job names), so
+the router goes on and finally raises the earlier transient error, or
+CircuitOpen (transient) when the others were all skipped: the job is retried
+later instead of being dead-lettered.
 """
 
 from __future__ import annotations
@@ -9,37 +29,118 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 
-from chatprocessor.core.errors import ProviderError, ProviderUnavailable
+import pybreaker
+
+from chatprocessor.core.errors import CircuitOpen, ProviderError
+from chatprocessor.ops import metrics
 from chatprocessor.providers.base import ChatRequest, Chunk, Provider
 
 log = logging.getLogger(__name__)
 
+#: BREAKER_STATE values.
+STATE_VALUES = {pybreaker.STATE_CLOSED: 0, pybreaker.STATE_HALF_OPEN: 1, pybreaker.STATE_OPEN: 2}
+
+
+def _not_a_failure(exc: BaseException) -> bool:
+    """pybreaker exclusion: everything but a transient provider error."""
+    return not (isinstance(exc, ProviderError) and exc.transient)
+
+
+class _StateGauge(pybreaker.CircuitBreakerListener):
+    """Mirrors each breaker's state into BREAKER_STATE and the log."""
+
+    def state_change(
+        self,
+        cb: pybreaker.CircuitBreaker,
+        old_state: pybreaker.CircuitBreakerState | None,
+        new_state: pybreaker.CircuitBreakerState,
+    ) -> None:
+        metrics.BREAKER_STATE.labels(cb.name).set(STATE_VALUES[new_state.name])
+        old = old_state.name if old_state is not None else "-"
+        log.warning("circuit breaker of provider %s: %s -> %s", cb.name, old, new_state.name)
+
 
 class RouterProvider:
-    name = "router"
-
-    def __init__(self, providers: list[Provider]) -> None:
+    def __init__(
+        self, providers: list[Provider], *, fail_max: int = 5, reset_timeout: float = 30.0
+    ) -> None:
         if not providers:
             raise ValueError("a router needs at least one provider")
         self.providers = providers
+        #: Logs read "provider ollama,openai": the list it stands for.
+        self.name = ",".join(provider.name for provider in providers)
         self.default_model = providers[0].default_model
+        listener = _StateGauge()
+        self.breakers = [
+            pybreaker.CircuitBreaker(
+                fail_max=fail_max,
+                reset_timeout=reset_timeout,
+                exclude=[_not_a_failure],
+                listeners=[listener],
+                name=provider.name,
+                throw_new_error_on_trip=False,  # keep the provider's own error
+            )
+            for provider in providers
+        ]
+        #: Providers whose half-open trial call is running now.
+        self._probing: set[int] = set()
+        for provider in providers:
+            metrics.BREAKER_STATE.labels(provider.name).set(0)
+
+    def breaker_states(self) -> dict[str, str]:
+        """Provider name -> "closed", "open" or "half-open" (for /health and tests).
+
+        An open breaker whose reset_timeout has passed still reads "open" until
+        the next job tries it.
+        """
+        return {p.name: b.current_state for p, b in zip(self.providers, self.breakers, strict=True)}
 
     async def chat(self, request: ChatRequest, *, stream: bool = False) -> AsyncIterator[Chunk]:
-        last: ProviderError | None = None
-        for provider in self.providers:
+        last: ProviderError | None = None  # the last transient failure
+        skipped: list[str] = []  # breaker open (or its trial call running)
+        count = len(self.providers)
+        for index, (provider, breaker) in enumerate(
+            zip(self.providers, self.breakers, strict=True)
+        ):
             started = False
             try:
-                async for chunk in provider.chat(request, stream=stream):
-                    started = True
-                    chunk.provider = chunk.provider or provider.name
-                    yield chunk
+                if breaker.current_state == pybreaker.STATE_HALF_OPEN and index in self._probing:
+                    raise pybreaker.CircuitBreakerError("trial call already running")
+                with breaker.calling():
+                    probe = breaker.current_state == pybreaker.STATE_HALF_OPEN
+                    if probe:
+                        self._probing.add(index)
+                    chunks = provider.chat(request, stream=stream)
+                    try:
+                        async for chunk in chunks:
+                            started = True
+                            chunk.provider = chunk.provider or provider.name
+                            chunk.model = chunk.model or provider.default_model
+                            yield chunk
+                    finally:
+                        if probe:
+                            self._probing.discard(index)
+                        # A consumer that stops early stops the provider too (frees its stream).
+                        aclose = getattr(chunks, "aclose", None)
+                        if aclose is not None:
+                            await aclose()
                 return
+            except pybreaker.CircuitBreakerError:
+                log.info("provider %s skipped: its circuit breaker is open", provider.name)
+                skipped.append(provider.name)
             except ProviderError as exc:
-                if started or not exc.transient:
+                metrics.PROVIDER_FAILURES.labels(provider.name, type(exc).__name__).inc()
+                if started or not (exc.transient or last is not None or skipped):
                     raise
-                log.warning("provider %s failed (%s); trying the next one", provider.name, exc)
-                last = exc
-        raise last or ProviderUnavailable("no provider answered")
+                if exc.transient:
+                    last = exc
+                log.warning("provider %s failed (%s)", provider.name, exc)
+            if index + 1 < count:
+                metrics.FALLBACKS.labels(provider.name).inc()
+                log.warning("trying provider %s", self.providers[index + 1].name)
+        if last is not None:
+            raise last
+        raise CircuitOpen(f"no provider answered; circuit breaker open: {', '.join(skipped)}")
 
     async def list_models(self) -> list[str]:
         models: list[str] = []

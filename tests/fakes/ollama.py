@@ -3,6 +3,9 @@
 It speaks the same REST protocol as Ollama (``/api/chat``, ``/api/generate``,
 ``/api/embed``, ``/api/tags``, ``/api/pull``, ``/api/version``, ``/``), so the
 official ``ollama`` client and our own providers can be pointed at ``fake.url``.
+Like Ollama it also serves the OpenAI API under ``/v1`` (``/v1/models``,
+``/v1/chat/completions``, JSON or SSE), for the official ``openai`` client at
+``fake.url + "/v1"``; its errors there have OpenAI's ``{"error": {...}}`` shape.
 
 Usage::
 
@@ -39,6 +42,7 @@ __all__ = ["FakeOllama"]
 JSONDict = dict[str, Any]
 
 NDJSON = "application/x-ndjson"
+SSE = "text/event-stream"
 MID_STREAM_ERROR = "an error was encountered while running the model: unexpected EOF"
 _DEFAULT_ERRORS: dict[int, str] = {
     400: "invalid request",
@@ -102,6 +106,25 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return web.json_response({"error": message}, status=status, headers=headers)
 
 
+def _openai_error_body(status: int, message: str) -> JSONDict:
+    """OpenAI's error object: ``{"error": {"message", "type", "param", "code"}}``."""
+    kind = "invalid_request_error" if 400 <= status < 500 else "api_error"
+    code = "model_not_found" if status == 404 else None
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+def _openai_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    """JSON error response shaped like OpenAI's (and Ollama's ``/v1``)."""
+    return web.json_response(_openai_error_body(status, message), status=status, headers=headers)
+
+
+def _as_openai_error(response: web.Response) -> web.Response:
+    """The same error in OpenAI's shape (validation is shared with the native API)."""
+    body = json.loads(response.text or "{}")
+    message = str(body.get("error") or response.reason)
+    return _openai_error(response.status, message)
+
+
 @dataclass(frozen=True, slots=True)
 class _Completion:
     """A parsed chat/generate request."""
@@ -113,6 +136,7 @@ class _Completion:
     streaming: bool
     num_predict: int | None
     started: int
+    include_usage: bool = False
 
     @property
     def key(self) -> str:
@@ -151,6 +175,32 @@ class _Completion:
             started=started,
         )
 
+    @classmethod
+    def parse_openai(cls, body: JSONDict, *, started: int) -> _Completion | web.Response:
+        """The same for ``/v1/chat/completions`` (not streamed unless ``stream: true``)."""
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return _openai_error(400, "messages must be a non-empty list")
+        texts = [
+            {"role": m.get("role"), "content": _openai_text(m.get("content"))}
+            for m in messages
+            if isinstance(m, dict)
+        ]
+        limit = body.get("max_completion_tokens", body.get("max_tokens"))
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+            limit = None
+        options = body.get("stream_options")
+        return cls(
+            chat=True,
+            model=str(body["model"]),
+            prompt=_last_user_content(texts),
+            prompt_words=sum(_word_count(t["content"]) for t in texts),
+            streaming=body.get("stream") is True,
+            num_predict=limit,
+            started=started,
+            include_usage=isinstance(options, dict) and options.get("include_usage") is True,
+        )
+
 
 class FakeOllama:
     """In-process fake Ollama server bound to 127.0.0.1 on an ephemeral port."""
@@ -184,6 +234,7 @@ class FakeOllama:
         self._fail_remaining = 0
         self._fail_status = 500
         self._fail_body: str | None = None
+        self._fail_headers: dict[str, str] = {}
         self._mid_stream_remaining = 0
         self._hang_remaining = 0
 
@@ -216,6 +267,8 @@ class FakeOllama:
         app.router.add_post("/api/generate", self._handle_generate)
         app.router.add_post("/api/embed", self._handle_embed)
         app.router.add_post("/api/pull", self._handle_pull)
+        app.router.add_get("/v1/models", self._handle_openai_models)
+        app.router.add_post("/v1/chat/completions", self._handle_openai_chat)
         # handler_cancellation: a client that gives up frees its slot, as in Ollama.
         runner = web.AppRunner(
             app, handler_cancellation=True, shutdown_timeout=1.0, access_log=None
@@ -251,11 +304,21 @@ class FakeOllama:
 
     # ------------------------------------------------------------ fault injection
 
-    def fail_next(self, n: int, status: int = 500, body: str | None = None) -> None:
-        """Make the next ``n`` chat/generate requests answer ``status`` with ``{"error": body}``."""
+    def fail_next(
+        self,
+        n: int,
+        status: int = 500,
+        body: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """Make the next ``n`` chat/generate requests answer ``status`` with ``{"error": body}``.
+
+        ``headers`` are added to those answers (e.g. ``retry-after-ms``).
+        """
         self._fail_remaining = n
         self._fail_status = status
         self._fail_body = body
+        self._fail_headers = dict(headers or {})
 
     def fail_mid_stream_next(self, n: int) -> None:
         """Make the next ``n`` streaming chat/generate requests break after 1-2 chunks."""
@@ -294,15 +357,16 @@ class FakeOllama:
             return _Fault.MID_STREAM
         return _Fault.NONE
 
-    def _injected_error(self) -> web.Response:
-        """The response configured by :meth:`fail_next`."""
+    def _injected_error(self, *, openai: bool = False) -> web.Response:
+        """The response configured by :meth:`fail_next` (in OpenAI's shape for ``/v1``)."""
         status = self._fail_status
         message = self._fail_body or _DEFAULT_ERRORS.get(status, f"injected failure ({status})")
-        headers: dict[str, str] | None = None
+        headers: dict[str, str] | None = dict(self._fail_headers) or None
         if status == 429 and self.retry_after is not None:
             ra = self.retry_after
-            headers = {"Retry-After": str(int(ra)) if float(ra).is_integer() else str(ra)}
-        return _error(status, message, headers)
+            headers = headers or {}
+            headers["Retry-After"] = str(int(ra)) if float(ra).is_integer() else str(ra)
+        return (_openai_error if openai else _error)(status, message, headers)
 
     # --------------------------------------------------------------------- helpers
 
@@ -419,7 +483,7 @@ class FakeOllama:
             if self.latency > 0:
                 await asyncio.sleep(self.latency)
             if fault is _Fault.HANG:
-                return await self._hang()
+                return _as_openai_error(await self._hang())
             if fault is _Fault.FAIL:
                 return self._injected_error()
             chunks = split_chunks(self.reply(job.prompt))
@@ -486,6 +550,102 @@ class FakeOllama:
             out["context"] = list(range(job.prompt_words + len(chunks)))
         return out
 
+    # ----------------------------------------------------------- OpenAI API (/v1)
+
+    async def _handle_openai_models(self, request: web.Request) -> web.Response:
+        """``GET /v1/models``: one entry per configured model, as Ollama lists them."""
+        await self._record(request)
+        data = [
+            {"id": name, "object": "model", "created": 1_704_067_200, "owned_by": "library"}
+            for name in self.models
+        ]
+        return web.json_response({"object": "list", "data": data})
+
+    async def _handle_openai_chat(self, request: web.Request) -> web.StreamResponse:
+        """``POST /v1/chat/completions``: the chat pipeline with OpenAI's shapes."""
+        started = time.perf_counter_ns()
+        body = await self._read_json(request)
+        if isinstance(body, web.Response):
+            return _as_openai_error(body)
+        if (error := self._check_model(body)) is not None:
+            return _as_openai_error(error)
+        job = _Completion.parse_openai(body, started=started)
+        if isinstance(job, web.Response):
+            return job
+
+        fault = self._take_fault(job.streaming)
+        await self._acquire()
+        try:
+            if self.latency > 0:
+                await asyncio.sleep(self.latency)
+            if fault is _Fault.HANG:
+                return await self._hang()
+            if fault is _Fault.FAIL:
+                return self._injected_error(openai=True)
+            chunks = split_chunks(self.reply(job.prompt))
+            finish_reason = "stop"
+            if job.num_predict is not None and len(chunks) > job.num_predict:
+                chunks = chunks[: job.num_predict]
+                finish_reason = "length"
+            if not job.streaming:
+                if self.token_delay > 0 and chunks:
+                    await asyncio.sleep(self.token_delay * len(chunks))
+                choice = {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "".join(chunks)},
+                    "finish_reason": finish_reason,
+                }
+                return web.json_response(
+                    {
+                        **_openai_head(job, "chat.completion"),
+                        "choices": [choice],
+                        "usage": _openai_usage(job, chunks),
+                    }
+                )
+            return await self._stream_openai(request, job, chunks, finish_reason, fault)
+        finally:
+            self._release()
+
+    async def _stream_openai(
+        self,
+        request: web.Request,
+        job: _Completion,
+        chunks: list[str],
+        finish_reason: str,
+        fault: _Fault,
+    ) -> web.StreamResponse:
+        """Write the SSE stream: deltas, the finish_reason, the usage chunk, ``[DONE]``.
+
+        An injected mid-stream failure is an ``error`` event, then the connection closes.
+        """
+        response = web.StreamResponse(status=200, headers={"Content-Type": SSE})
+        await response.prepare(request)
+        broken = fault is _Fault.MID_STREAM
+        emit = chunks[: min(2, max(1, len(chunks) // 2))] if broken else chunks
+        head = _openai_head(job, "chat.completion.chunk")
+        extra: JSONDict = {"usage": None} if job.include_usage else {}
+
+        def event(delta: JSONDict, reason: str | None) -> JSONDict:
+            choice = {"index": 0, "delta": delta, "finish_reason": reason}
+            return {**head, "choices": [choice], **extra}
+
+        for i, chunk in enumerate(emit):
+            if i and self.token_delay > 0:
+                await asyncio.sleep(self.token_delay)
+            await response.write(_sse(event({"role": "assistant", "content": chunk}, None)))
+        if self.token_delay > 0 and emit:
+            await asyncio.sleep(self.token_delay)
+        if broken:
+            await response.write(_sse(_openai_error_body(500, MID_STREAM_ERROR)))
+        else:
+            await response.write(_sse(event({}, finish_reason)))
+            if job.include_usage:
+                usage = {**head, "choices": [], "usage": _openai_usage(job, chunks)}
+                await response.write(_sse(usage))
+            await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
     async def _handle_embed(self, request: web.Request) -> web.Response:
         """``POST /api/embed``: deterministic 8-dimensional vectors."""
         started = time.perf_counter_ns()
@@ -549,6 +709,42 @@ class FakeOllama:
 def _line(obj: JSONDict) -> bytes:
     """One NDJSON line."""
     return json.dumps(obj, separators=(",", ":")).encode("utf-8") + b"\n"
+
+
+def _sse(obj: JSONDict) -> bytes:
+    """One server-sent event carrying ``obj`` as JSON."""
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode("utf-8") + b"\n\n"
+
+
+def _openai_head(job: _Completion, kind: str) -> JSONDict:
+    """Fields every OpenAI completion object starts with."""
+    return {
+        "id": f"chatcmpl-{job.started % 1_000_000}",
+        "object": kind,
+        "created": int(time.time()),
+        "model": job.model,
+        "system_fingerprint": "fp_ollama",
+    }
+
+
+def _openai_usage(job: _Completion, chunks: list[str]) -> JSONDict:
+    """OpenAI's token counts (words for prompt tokens, chunks for completion tokens)."""
+    return {
+        "prompt_tokens": job.prompt_words,
+        "completion_tokens": len(chunks),
+        "total_tokens": job.prompt_words + len(chunks),
+    }
+
+
+def _openai_text(content: Any) -> str:
+    """A message's text: a string, or the text parts of a content list."""
+    if isinstance(content, list):
+        return "".join(
+            str(p.get("text") or "")
+            for p in content
+            if isinstance(p, dict) and p.get("type") == "text"
+        )
+    return str(content or "")
 
 
 def _last_user_content(messages: list[Any]) -> str:

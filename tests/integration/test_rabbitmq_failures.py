@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import time
 import uuid
 
 import pytest
@@ -184,4 +185,57 @@ async def test_reply_refused_by_the_broker_is_dead_lettered_once_not_looped(
         for queue in (*queue_names, f"{input_queue}.dlq"):
             with contextlib.suppress(Exception):
                 await channel.queue_delete(queue)
+        await client.close()
+
+
+class SlowThreadedModel(MockProvider):
+    """Inference that takes ``seconds`` of CPU time off the event loop, as the embedded model
+    does (llama.cpp on its own thread), or on it when ``block_loop`` (what must never happen)."""
+
+    def __init__(self, seconds: float, *, block_loop: bool = False) -> None:
+        self.seconds = seconds
+        self.block_loop = block_loop
+        self.calls = 0
+
+    async def chat(self, request, *, stream=False):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        if self.block_loop and self.calls == 1:
+            time.sleep(self.seconds)  # noqa: ASYNC251 - the failure this test demonstrates
+        else:
+            await asyncio.to_thread(time.sleep, self.seconds)
+        async for chunk in super().chat(request, stream=stream):
+            yield chunk
+
+
+@pytest.mark.parametrize("block_loop", [False, True], ids=["threaded", "blocking-contrast"])
+async def test_heartbeats_keep_flowing_during_long_inference(
+    queue_names: tuple[str, str], block_loop: bool
+) -> None:
+    """A 4 s generation on a 1 s heartbeat: with inference off the loop the connection lives
+    and the job is answered once. The contrast case blocks the loop once and shows what the
+    test would catch: the broker drops the silent connection, the job is redelivered and the
+    model is asked a second time."""
+    input_queue, output_queue = queue_names
+    model = SlowThreadedModel(4.0, block_loop=block_loop)
+    worker = Worker(
+        RabbitMQTransport(RABBITMQ_URL + "?heartbeat=1"),
+        model,
+        ChatCodec(max_bytes=65536),
+        WorkerConfig(input_queue=input_queue, output_queue=output_queue, graceful_timeout=1),
+    )
+    await worker.start()
+    stop = asyncio.Event()
+    running = asyncio.create_task(worker.run(stop))
+    client = RabbitMQTransport(RABBITMQ_URL)
+    await client.connect()
+    try:
+        reply = await send_prompt(client, input_queue, "long one", conversation_id=9, timeout=40)
+        assert reply["message"] == "[mock] You said: long one"
+        await asyncio.sleep(1.5)  # a redelivery would have reached the model again by now
+        assert model.calls == (2 if block_loop else 1)
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(running, 15)
+        await worker.transport.close()
         await client.close()

@@ -348,7 +348,7 @@ async def test_deleted_output_queue_is_declared_again_and_gets_the_reply(
     assert orjson.loads(reply.body)["conversation_id"] == 123
 
 
-# -- (d) malformed input and a platform-declared queue with its own dead-letter exchange -------------------------------------
+# -- (d) malformed input, and a platform queue with its own dead-letter arguments ---------------
 
 
 async def test_malformed_message_lands_in_the_dead_letter_queue_unchanged(

@@ -307,3 +307,152 @@ async def test_non_json_answer_is_provider_unavailable(html_server: str, stream:
         assert await provider.ping() is False
     finally:
         await provider.close()
+
+
+# -- Retry-After of a 429 ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(("header", "seconds"), [(7, 7.0), (1.5, 1.5), (0, 0.0)])
+async def test_429_carries_retry_after_seconds(stream: bool, header: float, seconds: float) -> None:
+    async with FakeOllama(models=["llama2"], retry_after=header) as fake:
+        provider = OllamaProvider(fake.url, model="llama2", timeout=5, connect_timeout=1)
+        try:
+            fake.fail_next(1, status=429)
+            with pytest.raises(RateLimited) as info:
+                await collect(provider, request(), stream=stream)
+            assert info.value.retry_after == seconds
+        finally:
+            await provider.close()
+
+
+async def test_429_without_retry_after_is_none_even_after_one_with_it() -> None:
+    async with FakeOllama(models=["llama2"], retry_after=9) as fake:
+        provider = OllamaProvider(fake.url, model="llama2", timeout=5, connect_timeout=1)
+        try:
+            fake.fail_next(1, status=429)
+            with pytest.raises(RateLimited) as first:
+                await collect(provider, request(), stream=False)
+            assert first.value.retry_after == 9.0
+            fake.retry_after = None
+            fake.fail_next(1, status=429)
+            with pytest.raises(RateLimited) as second:
+                await collect(provider, request(), stream=True)
+            assert second.value.retry_after is None, "no stale value from the earlier 429"
+        finally:
+            await provider.close()
+
+
+def _http_date(offset: float) -> str:
+    from datetime import UTC, datetime, timedelta
+    from email.utils import format_datetime
+
+    return format_datetime(datetime.now(UTC) + timedelta(seconds=offset), usegmt=True)
+
+
+@pytest.fixture
+async def throttling_server() -> AsyncIterator[str]:
+    """Answers every chat with 429 and the Retry-After named by the model (``ra=<value>``).
+    With ``slowbody`` in the model name the headers come at once and the body 0.3 s later,
+    so another request's 429 can arrive between this one's headers and its error."""
+    import asyncio
+
+    from aiohttp import web
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        model = str((await request.json())["model"])
+        value = model.split("ra=", 1)[1] if "ra=" in model else None
+        headers = {"Retry-After": value} if value is not None else {}
+        if "slowbody" not in model:
+            return web.json_response({"error": "too many requests"}, status=429, headers=headers)
+        body = b'{"error": "too many requests"}'
+        response = web.StreamResponse(
+            status=429, headers={**headers, "Content-Type": "application/json"}
+        )
+        response.content_length = len(body)
+        await response.prepare(request)
+        await response.write(body[:5])
+        await asyncio.sleep(0.3)
+        await response.write(body[5:])
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/api/chat", chat)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    ("seconds", "date_offset", "bounds"),
+    [
+        ("120", None, (120.0, 120.0)),
+        (None, 60.0, (57.0, 60.0)),  # an HTTP-date (whole seconds): seconds from now
+        (None, -3600.0, (0.0, 0.0)),  # a date gone by: no need to wait
+    ],
+    ids=["seconds", "http-date", "past-http-date"],
+)
+async def test_retry_after_seconds_or_http_date(
+    throttling_server: str,
+    seconds: str | None,
+    date_offset: float | None,
+    bounds: tuple[float, float],
+    stream: bool,
+) -> None:
+    value = seconds if date_offset is None else _http_date(date_offset)
+    provider = OllamaProvider(throttling_server, model="m", timeout=5, connect_timeout=1)
+    try:
+        with pytest.raises(RateLimited) as info:
+            await collect(provider, request(model=f"m ra={value}"), stream=stream)
+    finally:
+        await provider.close()
+    assert info.value.retry_after is not None
+    assert bounds[0] <= info.value.retry_after <= bounds[1]
+
+
+@pytest.mark.parametrize("model", ["m ra=soon", "m ra=-5", "m ra=nan", "m ra=inf", "m ra=", "m"])
+async def test_garbage_or_absent_retry_after_is_none(throttling_server: str, model: str) -> None:
+    provider = OllamaProvider(throttling_server, model="m", timeout=5, connect_timeout=1)
+    try:
+        with pytest.raises(RateLimited) as info:
+            await collect(provider, request(model=model), stream=False)
+    finally:
+        await provider.close()
+    assert info.value.retry_after is None
+
+
+async def test_concurrent_429s_each_keep_their_own_retry_after(throttling_server: str) -> None:
+    """The header travels in a context variable: one task never sees another's value."""
+    import asyncio
+
+    provider = OllamaProvider(throttling_server, model="m", timeout=5, connect_timeout=1)
+
+    async def retry_after(model: str, stream: bool) -> float | None:
+        try:
+            await collect(provider, request(model=model), stream=stream)
+        except RateLimited as exc:
+            return exc.retry_after
+        raise AssertionError("expected a 429")
+
+    async def later(model: str, stream: bool) -> float | None:
+        await asyncio.sleep(0.1)  # once the slow bodies' headers have arrived
+        return await retry_after(model, stream)
+
+    try:
+        # With one shared variable the slow ones would read the fast one's value.
+        results = await asyncio.gather(
+            retry_after("slowbody ra=30", False),
+            retry_after("slowbody ra=40", True),
+            retry_after("slowbody", True),
+            later("fast ra=5", False),
+        )
+    finally:
+        await provider.close()
+    assert results == [30.0, 40.0, None, 5.0]

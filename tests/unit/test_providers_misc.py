@@ -267,7 +267,10 @@ def test_build_providers_router_for_several(monkeypatch: pytest.MonkeyPatch) -> 
 def test_build_providers_single_mock(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PROVIDERS", "mock")
     provider = build_providers(Settings.load())
-    assert isinstance(provider, MockProvider)
+    # Always a router, so that a single provider gets a circuit breaker too.
+    assert isinstance(provider, RouterProvider)
+    assert [type(p) for p in provider.providers] == [MockProvider]
+    assert provider.name == "mock"
 
 
 async def test_router_built_from_settings_falls_back_to_mock(

@@ -1,0 +1,200 @@
+"""Any OpenAI-compatible server through the official ``openai`` client.
+
+One adapter covers api.openai.com, vLLM, llama_cpp.server and Ollama's ``/v1``.
+The client's own retries are off (``max_retries=0``): chatprocessor retries
+through its delay queues, so a retry inside the client would double the wait
+and hide failures from the circuit breaker. A 429's ``Retry-After`` travels on
+in RateLimited. A stream that stops before a ``finish_reason`` is a failure,
+never a short answer.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import AsyncIterator, Mapping
+from email.utils import parsedate_to_datetime
+from typing import TYPE_CHECKING, Any, cast
+
+import httpx
+import openai
+
+from chatprocessor.core.errors import (
+    BadRequest,
+    ModelNotFound,
+    ProviderError,
+    ProviderTimeout,
+    ProviderUnavailable,
+    RateLimited,
+)
+from chatprocessor.providers.base import ChatRequest, Chunk
+
+if TYPE_CHECKING:
+    from openai.types.chat import ChatCompletionMessageParam
+
+#: Health probes (/ready, start-up, check) must not wait OPENAI_TIMEOUT on a hung server.
+PROBE_TIMEOUT = 5.0
+#: The client insists on a key; local servers (Ollama, llama_cpp.server) ignore it.
+NO_KEY = "unused"
+# openai 3.x (on httpx2) wraps transport errors met while reading a stream in its
+# APITimeoutError / APIConnectionError; openai 1.x lets httpx's escape there.
+# ValueError: a body that is not the API's JSON (a proxy's HTML page, a cut SSE line).
+_CLIENT_ERRORS = (openai.OpenAIError, httpx.HTTPError, ValueError)
+
+
+def retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds to wait from ``retry-after-ms``, else ``Retry-After`` (seconds or HTTP-date).
+
+    None when absent or unusable. Hand-written: the client parses these headers
+    only for its own retries, in private code. ``headers`` must match names
+    case-insensitively, as httpx's do.
+    """
+    raw_ms = headers.get("retry-after-ms")
+    if raw_ms is not None:
+        try:
+            ms = float(raw_ms)
+        except ValueError:
+            ms = math.nan
+        if math.isfinite(ms) and ms >= 0:
+            return ms / 1000
+    raw = headers.get("retry-after")
+    if raw is None:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(raw)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:  # RFC 9110 dates are GMT; a naive one has no zone at all
+            return None
+        return max(0.0, when.timestamp() - time.time())
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+def translate(exc: BaseException, model: str) -> ProviderError:
+    """Map the client's and httpx's errors into the project's tree."""
+    # APITimeoutError subclasses APIConnectionError: test it first.
+    if isinstance(exc, openai.APITimeoutError | httpx.TimeoutException):
+        return ProviderTimeout(f"openai: no answer in time ({type(exc).__name__})")
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        detail = f"HTTP {status}: {exc.message}"
+        if status == 429:
+            seconds = retry_after(exc.response.headers)
+            return RateLimited(f"openai: rate limited ({detail})", seconds)
+        if status == 404:
+            return ModelNotFound(f"openai: model {model!r} not found ({detail})")
+        if status == 408:
+            return ProviderTimeout(f"openai: the server gave up waiting ({detail})")
+        if 400 <= status < 500:
+            return BadRequest(f"openai: request refused, {detail}")
+        return ProviderUnavailable(f"openai: {detail}")
+    if isinstance(exc, openai.APIConnectionError):
+        return ProviderUnavailable(f"openai: cannot reach the server ({exc.__cause__ or exc})")
+    # A bare APIError is an error event inside a stream; then cut streams, bad JSON.
+    return ProviderUnavailable(f"openai: bad answer ({type(exc).__name__}: {exc})")
+
+
+class OpenAIProvider:
+    name = "openai"
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str,
+        model: str,
+        timeout: float = 300.0,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        self.base_url = base_url
+        self.default_model = model
+        self._client = openai.AsyncOpenAI(
+            base_url=base_url,
+            api_key=api_key or NO_KEY,
+            # openai.Timeout is the Timeout of the HTTP library this client version uses.
+            timeout=openai.Timeout(timeout, connect=connect_timeout),
+            max_retries=0,
+        )
+        # Shares the client's connection pool; only the timeout differs.
+        self._probe = self._client.with_options(
+            timeout=openai.Timeout(PROBE_TIMEOUT, connect=connect_timeout)
+        )
+
+    @staticmethod
+    def _options(request: ChatRequest) -> dict[str, Any]:
+        # max_tokens, not max_completion_tokens: llama_cpp.server 0.3 knows only the former.
+        options: dict[str, Any] = {}
+        if request.temperature is not None:
+            options["temperature"] = request.temperature
+        if request.max_tokens is not None:
+            options["max_tokens"] = request.max_tokens
+        return options
+
+    async def chat(self, request: ChatRequest, *, stream: bool = False) -> AsyncIterator[Chunk]:
+        model = request.model or self.default_model
+        messages = cast(
+            "list[ChatCompletionMessageParam]",
+            [{"role": m.role, "content": m.content} for m in request.messages],
+        )
+        options = self._options(request)
+        try:
+            if not stream:
+                response = await self._client.chat.completions.create(
+                    model=model, messages=messages, stream=False, **options
+                )
+                usage = response.usage
+                yield Chunk(
+                    delta=(response.choices[0].message.content or "") if response.choices else "",
+                    done=True,
+                    model=response.model or model,
+                    prompt_tokens=usage.prompt_tokens if usage else None,
+                    completion_tokens=usage.completion_tokens if usage else None,
+                )
+                return
+            parts = await self._client.chat.completions.create(
+                model=model,
+                messages=messages,
+                stream=True,
+                stream_options={"include_usage": True},
+                **options,
+            )
+            finished, used, usage = False, model, None
+            async with parts:
+                async for part in parts:
+                    used = part.model or used
+                    usage = part.usage or usage  # the extra last chunk, choices == []
+                    for choice in part.choices:
+                        finished = finished or choice.finish_reason is not None
+                        if choice.delta.content:
+                            yield Chunk(choice.delta.content, model=used)
+        except _CLIENT_ERRORS as exc:
+            raise translate(exc, model) from exc
+        if not finished:
+            raise ProviderUnavailable("openai: stream ended before a finish_reason")
+        yield Chunk(
+            "",
+            done=True,
+            model=used,
+            prompt_tokens=usage.prompt_tokens if usage else None,
+            completion_tokens=usage.completion_tokens if usage else None,
+        )
+
+    async def list_models(self) -> list[str]:
+        try:
+            page = await self._probe.models.list()
+        except _CLIENT_ERRORS as exc:
+            raise translate(exc, self.default_model) from exc
+        return [m.id for m in page.data]
+
+    async def ping(self) -> bool:
+        try:
+            await self.list_models()
+        except ProviderError:
+            return False
+        return True
+
+    async def close(self) -> None:
+        await self._client.close()
