@@ -37,6 +37,17 @@ NEW_DEFAULTS = {
     "log_format": "text",
     "max_message_bytes": 1_048_576,
     "graceful_timeout": 30,
+    "max_retries": 5,
+    "retry_backoff_base": 1.0,
+    "retry_backoff_cap": 300.0,
+    "job_timeout": 600.0,
+    "rabbitmq_consumer_timeout": 1800.0,
+    "idempotency_ttl": 86_400,
+    "redis_url": None,
+    "openai_base_url": "https://api.openai.com/v1",
+    "openai_model": "gpt-4o-mini",
+    "breaker_fail_max": 5,
+    "breaker_reset_timeout": 30.0,
 }
 
 
@@ -292,3 +303,61 @@ def test_check_masks_credentials_inside_urls(
     assert result.exit_code == 0, result.output
     assert "s3cr3t-in-url" not in result.output
     assert "***@localhost" in result.output
+
+
+# -- delivery guarantees -------------------------------------------------------------------------
+
+
+def _error_for(monkeypatch: pytest.MonkeyPatch, **env: str) -> str:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as caught:
+        Settings.load()
+    return str(caught.value)
+
+
+def test_job_timeout_must_end_before_the_brokers_consumer_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    message = _error_for(
+        monkeypatch, TRANSPORT="rabbitmq", JOB_TIMEOUT="1800", RABBITMQ_CONSUMER_TIMEOUT="1800"
+    )
+    assert "JOB_TIMEOUT" in message and "RABBITMQ_CONSUMER_TIMEOUT" in message
+    monkeypatch.setenv("RABBITMQ_CONSUMER_TIMEOUT", "0")  # the broker's timeout is off
+    assert Settings.load().job_timeout == 1800
+
+
+def test_backoff_cap_below_base_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    message = _error_for(monkeypatch, RETRY_BACKOFF_BASE="10", RETRY_BACKOFF_CAP="5")
+    assert "RETRY_BACKOFF_CAP" in message and "RETRY_BACKOFF_BASE" in message
+
+
+@pytest.mark.parametrize(("name", "value"), [("MAX_RETRIES", "-1"), ("JOB_TIMEOUT", "0")])
+def test_bad_retry_numbers_are_named(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    assert name in _error_for(monkeypatch, **{name: value})
+
+
+def test_redis_url_is_checked_and_its_password_never_shown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    message = _error_for(monkeypatch, REDIS_URL=f"http://:{SECRET}@localhost:6379")
+    assert "REDIS_URL" in message and SECRET not in message
+    monkeypatch.setenv("REDIS_URL", "redis://localhost:6379/2")
+    assert Settings.load().redis_url == "redis://localhost:6379/2"
+
+
+def test_openai_needs_a_key_only_for_api_openai_com(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert "OPENAI_API_KEY" in _error_for(monkeypatch, PROVIDERS="ollama,openai")
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:8000/v1")  # a local server
+    assert Settings.load().providers == ["ollama", "openai"]
+
+
+def test_local_replies_store_needs_a_writable_data_dir(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    message = _error_for(monkeypatch, TRANSPORT="rabbitmq", DATA_DIR=str(blocker / "sub"))
+    assert "DATA_DIR" in message
+    monkeypatch.setenv("REDIS_URL", "redis://localhost:6379/0")  # replies go to Redis instead
+    assert Settings.load().redis_url
