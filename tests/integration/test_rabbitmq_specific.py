@@ -25,6 +25,7 @@ from prometheus_client import REGISTRY
 from chatprocessor.client import send_prompt
 from chatprocessor.contracts.chat import ChatCodec, reply_message_id
 from chatprocessor.core.errors import PublishFailed
+from chatprocessor.core.retry import RetryPolicy
 from chatprocessor.core.worker import REPLY_TYPE, Worker, WorkerConfig
 from chatprocessor.providers.ollama import OllamaProvider
 from chatprocessor.transports.base import Outgoing
@@ -197,6 +198,34 @@ async def test_input_queue_declared_by_others_is_used_as_it_is(
     probe = await amqp.channel()
     await probe.declare_queue(input_queue, durable=True, arguments=arguments)
     await probe.close()
+
+
+async def test_retries_and_dead_letters_work_on_a_platform_declared_queue(
+    *,
+    start_worker: Callable[..., Awaitable[Running]],
+    channel: AbstractChannel,
+    queues: tuple[str, str],
+    fake_ollama: FakeOllama,
+) -> None:
+    """The worker's own delay and dead-letter queues need nothing from the input's arguments."""
+    input_queue, output_queue = queues
+    await channel.declare_queue(input_queue, durable=True, arguments={"x-max-length": 1000})
+    await start_worker(retry=RetryPolicy(max_retries=1, base=0.05, cap=0.05))
+    fake_ollama.fail_next(1, status=500)  # first job: one failure, then answered
+    await publish_raw(channel, input_queue, orjson.dumps(SEED_PROMPT), message_id="r-1")
+    [reply] = await get_raw(channel, output_queue)
+    assert orjson.loads(reply.body)["message"] == ECHO
+
+    fake_ollama.fail_next(2, status=500)  # second job: fails both attempts
+    doomed = {**SEED_PROMPT, "conversation_id": 124}
+    await publish_raw(channel, input_queue, orjson.dumps(doomed), message_id="r-2")
+    [error_reply] = await get_raw(channel, output_queue)
+    assert orjson.loads(error_reply.body)["conversation_id"] == 124
+    assert "HTTP 500" in orjson.loads(error_reply.body)["error"]
+    [dead] = await get_raw(channel, f"{input_queue}.dlq")
+    assert dead.message_id == "r-2"
+    assert dead.headers["x-dead-letter-reason"] == "retries_exhausted"
+    assert dead.headers["x-attempts"] == 2
 
 
 async def test_queues_declared_as_expected_log_no_advice(
