@@ -7,8 +7,11 @@ Providers raise only the project's own ProviderError subclasses.
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from typing import Protocol
 
 from chatprocessor.core.job import ChatMessage
@@ -63,3 +66,20 @@ def same_model(a: str, b: str) -> bool:
         return name if ":" in name else f"{name}:latest"
 
     return norm(a) == norm(b)
+
+
+def parse_retry_after(raw: str | None) -> float | None:
+    """Seconds to wait from a Retry-After value: delay-seconds or an HTTP-date; else None."""
+    if raw is None:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(raw)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:  # HTTP-dates are GMT; a date without a zone is not one
+            return None
+        return max(0.0, when.timestamp() - time.time())
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None

@@ -11,10 +11,7 @@ runs in the task that awaits the request, the one that catches the error).
 from __future__ import annotations
 
 import contextvars
-import math
-import time
 from collections.abc import AsyncIterator, Mapping
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
@@ -28,29 +25,12 @@ from chatprocessor.core.errors import (
     ProviderUnavailable,
     RateLimited,
 )
-from chatprocessor.providers.base import ChatRequest, Chunk
+from chatprocessor.providers.base import ChatRequest, Chunk, parse_retry_after
 
 #: Retry-After (seconds) of the last response this task received; None unless it was a 429.
 _retry_after: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "ollama_retry_after", default=None
 )
-
-
-def parse_retry_after(raw: str | None) -> float | None:
-    """Seconds to wait from a Retry-After value: delay-seconds or an HTTP-date; else None."""
-    if raw is None:
-        return None
-    try:
-        seconds = float(raw)
-    except ValueError:
-        try:
-            when = parsedate_to_datetime(raw)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when.tzinfo is None:  # HTTP-dates are GMT; a date without a zone is not one
-            return None
-        return max(0.0, when.timestamp() - time.time())
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 async def _record_retry_after(response: httpx.Response) -> None:

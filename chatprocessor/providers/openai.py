@@ -11,9 +11,7 @@ never a short answer.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import AsyncIterator, Mapping
-from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, cast
 
 import httpx
@@ -27,7 +25,7 @@ from chatprocessor.core.errors import (
     ProviderUnavailable,
     RateLimited,
 )
-from chatprocessor.providers.base import ChatRequest, Chunk
+from chatprocessor.providers.base import ChatRequest, Chunk, parse_retry_after
 
 if TYPE_CHECKING:
     from openai.types.chat import ChatCompletionMessageParam
@@ -57,20 +55,7 @@ def retry_after(headers: Mapping[str, str]) -> float | None:
             ms = math.nan
         if math.isfinite(ms) and ms >= 0:
             return ms / 1000
-    raw = headers.get("retry-after")
-    if raw is None:
-        return None
-    try:
-        seconds = float(raw)
-    except ValueError:
-        try:
-            when = parsedate_to_datetime(raw)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when.tzinfo is None:  # RFC 9110 dates are GMT; a naive one has no zone at all
-            return None
-        return max(0.0, when.timestamp() - time.time())
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+    return parse_retry_after(headers.get("retry-after"))
 
 
 def translate(exc: BaseException, model: str) -> ProviderError:

@@ -333,7 +333,9 @@ def test_backoff_cap_below_base_is_refused(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 @pytest.mark.parametrize(("name", "value"), [("MAX_RETRIES", "-1"), ("JOB_TIMEOUT", "0")])
-def test_bad_retry_numbers_are_named(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+def test_bad_retry_numbers_are_named(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
     assert name in _error_for(monkeypatch, **{name: value})
 
 
