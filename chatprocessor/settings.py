@@ -127,7 +127,9 @@ class Settings(BaseSettings):
     def _check_url(cls, value: str) -> str:
         parsed = urlsplit(value)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise ValueError("expected an http(s) URL such as http://localhost:11434")
+            raise ValueError(
+                "expected an http(s) URL such as http://localhost:11434 or https://api.openai.com/v1"
+            )
         return value.rstrip("/")
 
     @field_validator("embedded_model_path")
