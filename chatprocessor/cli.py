@@ -43,7 +43,7 @@ def _settings() -> Settings:
 
 def _mask_userinfo(text: str) -> str:
     """``http://user:secret@host`` -> ``http://***@host``: URLs may carry credentials."""
-    return re.sub(r"(?<=://)[^/@\s]+@", "***@", text)
+    return re.sub(r"(?<=://)[^/\s]+@", "***@", text)  # up to the last @: passwords may hold one
 
 
 def _url_passwords(url: str | None) -> list[str]:

@@ -58,6 +58,8 @@ class ProviderError(ChatProcessorError):
     """An LLM provider failed to answer."""
 
     transient = True
+    #: Seconds the provider (or its circuit breaker) asks us to wait before trying again.
+    retry_after: float | None = None
 
 
 class ProviderUnavailable(ProviderError):
@@ -66,6 +68,10 @@ class ProviderUnavailable(ProviderError):
 
 class CircuitOpen(ProviderUnavailable):
     """The provider failed repeatedly; it is skipped until its cool-down ends."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class ProviderTimeout(ProviderError):

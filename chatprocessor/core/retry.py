@@ -24,6 +24,11 @@ if TYPE_CHECKING:
     from chatprocessor.settings import Settings
 
 
+#: The longest wait honoured, seconds: a provider's Retry-After (or a message's due time)
+#: beyond it is cut to it, so no job parks for days on one odd header.
+MAX_WAIT = 3600.0
+
+
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     max_retries: int = 5
@@ -43,7 +48,8 @@ class RetryPolicy:
         step = min(self.cap, self.base * 2 ** max(0, attempt - 1))
         wait = max(self.base, random.uniform(0, step))
         if retry_after is not None and retry_after > wait:
-            wait = retry_after  # the provider knows best: honour it even beyond the cap
+            # The provider knows best: honour it even beyond the cap, up to MAX_WAIT.
+            wait = min(retry_after, max(MAX_WAIT, self.cap))
         return wait
 
     def tiers(self) -> list[float]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -27,12 +28,11 @@ from chatprocessor.core.errors import (
     ProviderError,
     ProviderTimeout,
     PublishFailed,
-    RateLimited,
     StoreUnavailable,
     Unroutable,
 )
 from chatprocessor.core.job import Job, Result
-from chatprocessor.core.retry import RetryPolicy
+from chatprocessor.core.retry import MAX_WAIT, RetryPolicy
 from chatprocessor.ops import metrics
 from chatprocessor.ops.logging import conversation_id_var
 from chatprocessor.providers.base import ChatRequest, Provider, same_model
@@ -66,6 +66,8 @@ class WorkerConfig:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     #: Deadline of one attempt (JOB_TIMEOUT); shorter than the broker's consumer timeout.
     job_timeout: float = 600.0
+    #: How long a job the broker refuses to park (delay or dead-letter queue) is held.
+    refused_pause: float = 5.0
 
 
 #: A delayed message back before its due time takes another hop: never early (Retry-After).
@@ -141,9 +143,9 @@ class Worker:
         done, _ = await asyncio.wait({consumer, stopper}, return_when=asyncio.FIRST_COMPLETED)
         stopper.cancel()
         consumer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await consumer
-        failure = consumer.exception() if consumer in done else None
+        # gather, not await: the consumer's own error must not skip the drain below.
+        [ended] = await asyncio.gather(consumer, return_exceptions=True)
+        failure = ended if consumer in done and isinstance(ended, Exception) else None
         await self.drain()  # jobs in flight finish even when consuming failed
         if failure is not None:
             raise failure
@@ -184,11 +186,23 @@ class Worker:
             await asyncio.shield(self._release(delivery))
             metrics.MESSAGES.labels("released").inc()
             raise
-        except (BrokerUnavailable, PublishFailed) as exc:
-            # The broker failed under us (or refused our retry/dead-letter copy):
-            # hand the job back so it is redelivered (on a dead connection the
-            # broker does that by itself).
+        except BrokerUnavailable as exc:
+            # The connection failed under us: hand the job back so it is
+            # redelivered (on a dead connection the broker does that by itself).
             log.error("broker failed while processing (%s); the message will be redelivered", exc)
+            await self._release(delivery)
+            outcome = "released"
+        except PublishFailed as exc:
+            # Even the dead-letter queue refused the job (full, or a policy): nothing
+            # can take it now. Hold it for a pause before handing it back, so a broker
+            # in that state sees a slow trickle, not a loop through the LLM.
+            log.error(
+                "the broker refused to park message %s (%s); returning it in %.0fs",
+                delivery.message_id,
+                exc,
+                self.config.refused_pause,
+            )
+            await asyncio.sleep(self.config.refused_pause)
             await self._release(delivery)
             outcome = "released"
         except Exception as exc:
@@ -214,7 +228,9 @@ class Worker:
 
     async def _process(self, delivery: Delivery) -> str:
         wait = delivery.retry_at - time.time()
-        if wait > _EARLY_TOLERANCE:
+        if wait > max(MAX_WAIT, self.config.retry.cap):
+            log.warning("ignoring a due time %.0fs away (clock skew?): processing now", wait)
+        elif wait > _EARLY_TOLERANCE:
             # Back from a delay queue shorter than its delay: one more hop, no attempt spent.
             await delivery.retry(wait, "waiting for the retry time", count=False)
             return "delayed"
@@ -230,12 +246,15 @@ class Worker:
 
         token = conversation_id_var.set(job.conversation_id)
         try:
-            return await self._process_job(delivery, job)
+            # The body's digest is part of the key: a message_id reused for another
+            # request (another conversation) must never get that request's reply.
+            digest = hashlib.sha256(delivery.body).hexdigest()[:32]
+            return await self._process_job(delivery, job, f"{job.id}:{digest}")
         finally:
             conversation_id_var.reset(token)
 
-    async def _process_job(self, delivery: Delivery, job: Job) -> str:
-        key = f"{self.config.input_queue}:{job.id}"
+    async def _process_job(self, delivery: Delivery, job: Job, request_key: str) -> str:
+        key = f"{self.config.input_queue}:{request_key}"
         stored = await self._recall(key)
         if stored is not None:
             log.info("already answered: sending the stored reply again (no LLM call)")
@@ -287,8 +306,7 @@ class Worker:
         """A failed attempt: back through a delay queue, or dead-lettered with an error reply."""
         attempts = delivery.attempt + 1
         if exc.transient and self.config.retry.should_retry(attempts):
-            retry_after = exc.retry_after if isinstance(exc, RateLimited) else None
-            delay = self.config.retry.delay(attempts, retry_after)
+            delay = self.config.retry.delay(attempts, exc.retry_after)
             log.warning(
                 "attempt %d of %d failed (%s); retrying in %.1fs",
                 attempts,
@@ -296,12 +314,21 @@ class Worker:
                 exc,
                 delay,
             )
-            await delivery.retry(delay, str(exc))
+            try:
+                await delivery.retry(delay, str(exc))
+            except PublishFailed as refused:  # the delay queue is full: give up now
+                log.error("the delay queue refused the retry: %s", refused)
+                return await self._give_up(delivery, job, f"{exc} (retry refused: {refused})")
             metrics.RETRIES.labels(type(exc).__name__).inc()
             return "retried"
         kind = RETRIES_EXHAUSTED if exc.transient else FAILED
-        reason = str(exc)
-        log.error("giving up after %d attempt(s): %s", attempts, reason)
+        return await self._give_up(delivery, job, str(exc), kind)
+
+    async def _give_up(
+        self, delivery: Delivery, job: Job, reason: str, kind: str = RETRIES_EXHAUSTED
+    ) -> str:
+        """The last word: an error reply to the chat, then the dead-letter queue."""
+        log.error("giving up after %d attempt(s): %s", delivery.attempt + 1, reason)
         error = Result(text="", model_used=job.model or self.provider.default_model, error=reason)
         await self._send_error_reply(job, error)
         await self._dead_letter(delivery, reason, kind)

@@ -9,9 +9,11 @@ Breakers are pybreaker's ``CircuitBreaker``, one per provider, used through
 
 - only transient ProviderErrors (unavailable, timeout, 429) are failures;
   ``fail_max`` consecutive ones open the breaker and the provider is skipped;
+- a call cancelled by JOB_TIMEOUT (or shutdown) is a failure too: a hung
+  provider must trip its breaker;
 - anything else that ends a call is a success (pybreaker has no neutral
-  outcome): an answer, a permanent refusal (the provider did answer), the
-  consumer stopping early or the job being cancelled;
+  outcome): an answer, a permanent refusal (the provider did answer) or the
+  consumer stopping early;
 - ``reset_timeout`` seconds after opening, the next call is the one trial
   (half-open); pybreaker would let concurrent calls through too, so the
   router skips the others while the probe runs. Success closes, failure reopens.
@@ -20,13 +22,16 @@ A permanent error (BadRequest, ModelNotFound) is raised at once when no
 provider was skipped or failed before it. After that it only means this
 fallback cannot serve the job (e.g. it lacks the model the job names), so
 the router goes on and finally raises the earlier transient error, or
-CircuitOpen (transient) when the others were all skipped: the job is retried
-later instead of being dead-lettered.
+CircuitOpen (transient, with the shortest remaining cool-down as retry_after)
+when the others were all skipped: the job is retried once a breaker may let it
+through, instead of being dead-lettered.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import pybreaker
@@ -42,12 +47,17 @@ STATE_VALUES = {pybreaker.STATE_CLOSED: 0, pybreaker.STATE_HALF_OPEN: 1, pybreak
 
 
 def _not_a_failure(exc: BaseException) -> bool:
-    """pybreaker exclusion: everything but a transient provider error."""
+    """pybreaker exclusion: everything but a transient provider error or a cancelled call."""
+    if isinstance(exc, asyncio.CancelledError):
+        return False
     return not (isinstance(exc, ProviderError) and exc.transient)
 
 
 class _StateGauge(pybreaker.CircuitBreakerListener):
-    """Mirrors each breaker's state into BREAKER_STATE and the log."""
+    """Mirrors each breaker's state into BREAKER_STATE and the log; notes when each opened."""
+
+    def __init__(self) -> None:
+        self.opened_at: dict[str, float] = {}
 
     def state_change(
         self,
@@ -56,6 +66,8 @@ class _StateGauge(pybreaker.CircuitBreakerListener):
         new_state: pybreaker.CircuitBreakerState,
     ) -> None:
         metrics.BREAKER_STATE.labels(cb.name).set(STATE_VALUES[new_state.name])
+        if new_state.name == pybreaker.STATE_OPEN:
+            self.opened_at[str(cb.name)] = time.monotonic()
         old = old_state.name if old_state is not None else "-"
         log.warning("circuit breaker of provider %s: %s -> %s", cb.name, old, new_state.name)
 
@@ -70,7 +82,8 @@ class RouterProvider:
         #: Logs read "provider ollama,openai": the list it stands for.
         self.name = ",".join(provider.name for provider in providers)
         self.default_model = providers[0].default_model
-        listener = _StateGauge()
+        self.reset_timeout = reset_timeout
+        self._listener = listener = _StateGauge()
         self.breakers = [
             pybreaker.CircuitBreaker(
                 fail_max=fail_max,
@@ -140,7 +153,21 @@ class RouterProvider:
                 log.warning("trying provider %s", self.providers[index + 1].name)
         if last is not None:
             raise last
-        raise CircuitOpen(f"no provider answered; circuit breaker open: {', '.join(skipped)}")
+        raise CircuitOpen(
+            f"no provider answered; circuit breaker open: {', '.join(skipped)}",
+            retry_after=self._cool_down_left(skipped),
+        )
+
+    def _cool_down_left(self, names: list[str]) -> float | None:
+        """Seconds until the first of these open breakers lets a trial call through."""
+        now = time.monotonic()
+        left = [
+            self._listener.opened_at[name] + self.reset_timeout - now
+            for name in names
+            if name in self._listener.opened_at
+        ]
+        soonest = min(left, default=0.0)
+        return soonest if soonest > 0 else None
 
     async def list_models(self) -> list[str]:
         models: list[str] = []

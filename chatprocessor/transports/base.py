@@ -40,6 +40,7 @@ DLQ_FAILED_AT = "x-failed-at"  # ISO 8601, UTC
 DLQ_ATTEMPTS = "x-attempts"
 DLQ_QUEUE = "x-original-queue"
 DLQ_SUFFIX = ".dlq"
+MAX_ATTEMPT = 1_000_000
 
 #: Dead-letter reasons.
 REJECTED = "rejected"  # the message itself is bad: permanent, no attempt made
@@ -163,8 +164,9 @@ class Delivery(abc.ABC):
 
     @property
     def attempt(self) -> int:
-        """Failed attempts before this one (the ``x-attempt`` header)."""
-        return max(0, int(header_number(self.headers, ATTEMPT_HEADER)))
+        """Failed attempts before this one (the ``x-attempt`` header, clamped: anyone can
+        write headers, and an absurd count must still fit an AMQP integer)."""
+        return max(0, min(MAX_ATTEMPT, int(header_number(self.headers, ATTEMPT_HEADER))))
 
     @property
     def retry_at(self) -> float:
@@ -183,8 +185,10 @@ class Delivery(abc.ABC):
     async def retry(self, delay: float, error: str, *, count: bool = True) -> None:
         """Come back after ``delay`` seconds; ``count=False`` waits without using an attempt."""
         if self._first_settle():
-            attempt = self.attempt + (1 if count else 0)
-            headers = retry_headers(self.headers, attempt=attempt, error=error)
+            if count:
+                headers = retry_headers(self.headers, attempt=self.attempt + 1, error=error)
+            else:  # only waiting longer: keep the attempt count and the last error
+                headers = dict(self.headers)
             headers.pop(RETRY_AT_HEADER, None)
             if delay > 0:
                 headers[RETRY_AT_HEADER] = math.ceil((time.time() + delay) * 1000)

@@ -20,17 +20,20 @@ import contextlib
 import logging
 import os
 import socket
+import struct
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aio_pika
 import aiormq
+import pamqp.encode
 from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
     AbstractRobustConnection,
 )
 
+from chatprocessor.contracts.chat import request_id
 from chatprocessor.core.errors import (
     BrokerUnavailable,
     PublishFailed,
@@ -66,6 +69,40 @@ POLICY_ADVICE = (
     '\'{{"dead-letter-exchange":"","dead-letter-routing-key":"{queue}.dlq"}}\' '
     "--apply-to queues"
 )
+
+
+def encodable(value: Any) -> Any:
+    """Header values as pamqp can write them back: it reads a long string that is not
+    UTF-8 as bytes but writes only bytearray, and it cannot write an int beyond 64 bits."""
+    if isinstance(value, dict):
+        return {key: encodable(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [encodable(item) for item in value]
+    if isinstance(value, bytes):
+        return bytearray(value)
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+        return str(value)
+    return value
+
+
+def _encode_floats_as_doubles() -> None:
+    """pamqp writes every float header as a 32-bit float ('f'): a platform's double
+    (a timestamp, a score) copied into a retry or a dead letter would lose digits.
+    Write floats as doubles ('d'), which every AMQP 0-9-1 peer reads."""
+    original = pamqp.encode.encode_table_value
+    if getattr(original, "doubles", False):
+        return
+
+    def encode_table_value(value: Any) -> bytes:
+        if isinstance(value, float):
+            return b"d" + pamqp.encode.double(value)
+        return original(value)
+
+    encode_table_value.doubles = True  # type: ignore[attr-defined]
+    pamqp.encode.encode_table_value = encode_table_value
+
+
+_encode_floats_as_doubles()
 
 
 class RabbitDelivery(Delivery):
@@ -107,11 +144,13 @@ class RabbitDelivery(Delivery):
     def _copy(self, headers: dict[str, Any]) -> Outgoing:
         return Outgoing(
             self.body,
-            message_id=self.message_id,
+            # Without a message_id aiormq would invent a random one, and the job's
+            # identity (a digest of the body) would change from copy to copy.
+            message_id=self.message_id or request_id(self.body, None),
             correlation_id=self.correlation_id,
             reply_to=self.reply_to,
             type=self.type,
-            headers=headers,
+            headers=encodable(headers),
             content_type=self._message.content_type,
         )
 
@@ -318,6 +357,8 @@ class RabbitMQTransport:
             raise PublishFailed(f"broker refused the message for {destination!r}") from exc
         except _CONNECTION_ERRORS as exc:
             raise BrokerUnavailable(f"publish to {destination!r} failed: {exc}") from exc
+        except (TypeError, ValueError, OverflowError, struct.error) as exc:
+            raise PublishFailed(f"cannot encode the message for {destination!r}: {exc}") from exc
 
     async def publish_declaring(
         self, destination: str, message: Outgoing, *, input_queue: str | None = None
