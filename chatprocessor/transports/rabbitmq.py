@@ -263,7 +263,17 @@ class RabbitMQTransport:
             try:
                 await channels[0].declare_queue(queue, durable=True, arguments=arguments)
             except aiormq.exceptions.ChannelPreconditionFailed as exc:
-                log.warning("%s (broker said: %s)", POLICY_ADVICE.format(queue=queue), exc)
+                if arguments:  # one of our delay queues, changed by hand: it may never deliver
+                    log.error(
+                        "delay queue %r exists with other arguments than chatprocessor's %s, so "
+                        "retries through it may not come back; delete it (rabbitmqctl "
+                        "delete_queue %s) and restart the worker to have it declared again",
+                        queue,
+                        arguments,
+                        queue,
+                    )
+                else:
+                    log.warning("%s (broker said: %s)", POLICY_ADVICE.format(queue=queue), exc)
                 self.existing_queues.add(queue)
                 channels.append(await self.connection.channel())
                 await channels[1].declare_queue(queue, passive=True)

@@ -538,3 +538,23 @@ async def test_send_prompt_times_out_without_a_worker(
     probe = await amqp.channel()
     with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
         await probe.declare_queue(request.reply_to, passive=True)  # deleted by send_prompt
+
+
+async def test_a_delay_queue_changed_by_hand_is_reported_with_the_fix(
+    *,
+    start_worker: Callable[..., Awaitable[Running]],
+    channel: AbstractChannel,
+    queues: tuple[str, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Without its TTL a delay queue would keep retries forever: say so, and how to fix it."""
+    input_queue, _ = queues
+    tier = f"{input_queue}.retry.1000ms"  # the default tier of a bare RabbitMQTransport
+    await channel.declare_queue(tier, durable=True)
+    caplog.set_level(logging.WARNING, logger=RABBIT_LOGGER)
+    await start_worker()
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any(tier in m and "rabbitmqctl delete_queue" in m for m in errors), errors
+    assert not any(
+        "set_policy" in r.getMessage() and tier in r.getMessage() for r in caplog.records
+    )
