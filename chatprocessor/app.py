@@ -24,14 +24,16 @@ def build_worker(settings: Settings) -> Worker:
         naming=settings.output_naming,
         bot_user_id=settings.bot_user_id,
     )
+    retry = RetryPolicy.from_settings(settings)
     config = WorkerConfig(
         input_queue=settings.rabbitmq_queue_input,
         output_queue=settings.rabbitmq_queue_output,
         prefetch=settings.prefetch_count,
         graceful_timeout=settings.graceful_timeout,
         system_prompt=settings.system_prompt,
-        retry=RetryPolicy.from_settings(settings),
+        retry=retry,
         job_timeout=settings.job_timeout,
+        breaker_patience=max(retry.total_backoff(), 2 * settings.breaker_reset_timeout),
     )
     return Worker(
         build_transport(settings),

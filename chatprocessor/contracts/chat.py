@@ -93,9 +93,11 @@ def request_id(body: bytes, message_id: str | None) -> str:
     return message_id or hashlib.sha256(body).hexdigest()[:32]
 
 
-def reply_message_id(job_id: str) -> str:
-    """Derived from the request, so a consumer can drop a duplicate reply."""
-    return str(uuid.uuid5(REPLY_NAMESPACE, job_id))
+def reply_message_id(job_id: str, *, error: bool = False) -> str:
+    """Derived from the request, so a consumer can drop a duplicate reply. An error reply
+    has an id of its own: the answer to the same job replayed later must not look like
+    a duplicate of it."""
+    return str(uuid.uuid5(REPLY_NAMESPACE, f"{job_id}#error" if error else job_id))
 
 
 class ChatCodec:

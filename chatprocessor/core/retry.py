@@ -48,9 +48,14 @@ class RetryPolicy:
         step = min(self.cap, self.base * 2 ** max(0, attempt - 1))
         wait = max(self.base, random.uniform(0, step))
         if retry_after is not None and retry_after > wait:
-            # The provider knows best: honour it even beyond the cap, up to MAX_WAIT.
-            wait = min(retry_after, max(MAX_WAIT, self.cap))
+            # The provider knows best: honour it even beyond the cap, up to MAX_WAIT,
+            # plus jitter so that the jobs it held back do not all return at once.
+            wait = min(retry_after, max(MAX_WAIT, self.cap)) + random.uniform(0, self.base)
         return wait
+
+    def total_backoff(self) -> float:
+        """The longest time all retries of one job can spend in backoff."""
+        return float(sum(min(self.cap, self.base * 2**k) for k in range(self.max_retries)))
 
     def tiers(self) -> list[float]:
         """Delay-queue lengths in seconds: base, 2*base, 4*base, ... and the cap."""

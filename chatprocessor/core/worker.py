@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from chatprocessor.contracts.chat import ChatCodec, reply_message_id, request_id
 from chatprocessor.core.errors import (
     BrokerUnavailable,
+    CircuitOpen,
     MessageRejected,
     ProviderError,
     ProviderTimeout,
@@ -68,6 +69,9 @@ class WorkerConfig:
     job_timeout: float = 600.0
     #: How long a job the broker refuses to park (delay or dead-letter queue) is held.
     refused_pause: float = 5.0
+    #: How long a job skipped by open circuit breakers may wait without using attempts,
+    #: counted from its first failure (app: the retry budget, at least 2 breaker cool-downs).
+    breaker_patience: float = 60.0
 
 
 #: A delayed message back before its due time takes another hop: never early (Retry-After).
@@ -274,8 +278,7 @@ class Worker:
             return await self._failed(delivery, job, exc)
         except PublishFailed as exc:  # a streamed chunk could not be published
             return await self._publish_failed(delivery, exc)
-        message = self._reply(job, result)
-        await self._remember(key, message)
+        message = await self._remember(key, self._reply(job, result))
         outcome = await self._deliver(delivery, job, message)
         if outcome == "replied":
             log.info("Response published (%s ms, model %s)", result.latency_ms, result.model_used)
@@ -305,24 +308,40 @@ class Worker:
     async def _failed(self, delivery: Delivery, job: Job, exc: ProviderError) -> str:
         """A failed attempt: back through a delay queue, or dead-lettered with an error reply."""
         attempts = delivery.attempt + 1
-        if exc.transient and self.config.retry.should_retry(attempts):
-            delay = self.config.retry.delay(attempts, exc.retry_after)
+        policy = self.config.retry
+        if isinstance(exc, CircuitOpen) and self._may_wait_for_breakers(delivery):
+            # No provider was asked: wait for a breaker to let a call through again,
+            # without spending an attempt (the trial call, not this job, tests the provider).
+            delay = policy.delay(attempts, exc.retry_after)
+            log.info("every provider is skipped (%s); waiting %.1fs", exc, delay)
+            return await self._retry(delivery, job, exc, delay, count=False)
+        if exc.transient and policy.should_retry(attempts):
+            delay = policy.delay(attempts, exc.retry_after)
             log.warning(
                 "attempt %d of %d failed (%s); retrying in %.1fs",
                 attempts,
-                self.config.retry.max_retries + 1,
+                policy.max_retries + 1,
                 exc,
                 delay,
             )
-            try:
-                await delivery.retry(delay, str(exc))
-            except PublishFailed as refused:  # the delay queue is full: give up now
-                log.error("the delay queue refused the retry: %s", refused)
-                return await self._give_up(delivery, job, f"{exc} (retry refused: {refused})")
-            metrics.RETRIES.labels(type(exc).__name__).inc()
-            return "retried"
+            return await self._retry(delivery, job, exc, delay)
         kind = RETRIES_EXHAUSTED if exc.transient else FAILED
         return await self._give_up(delivery, job, str(exc), kind)
+
+    def _may_wait_for_breakers(self, delivery: Delivery) -> bool:
+        first = delivery.first_failed_at
+        return first is None or time.time() - first < self.config.breaker_patience
+
+    async def _retry(
+        self, delivery: Delivery, job: Job, exc: ProviderError, delay: float, *, count: bool = True
+    ) -> str:
+        try:
+            await delivery.retry(delay, str(exc), count=count)
+        except PublishFailed as refused:  # the delay queue is full: give up now
+            log.error("the delay queue refused the retry: %s", refused)
+            return await self._give_up(delivery, job, f"{exc} (retry refused: {refused})")
+        metrics.RETRIES.labels(type(exc).__name__).inc()
+        return "retried"
 
     async def _give_up(
         self, delivery: Delivery, job: Job, reason: str, kind: str = RETRIES_EXHAUSTED
@@ -374,13 +393,20 @@ class Worker:
             log.warning("idempotency store unreadable (%s); answering without it", exc)
             return None
 
-    async def _remember(self, key: str, message: Outgoing) -> None:
+    async def _remember(self, key: str, message: Outgoing) -> Outgoing:
+        """Store the reply; if a copy of this request stored one first, send that one."""
         stored = StoredReply(message.body, message.message_id, message.correlation_id, message.type)
         try:
-            await self.store.put(key, stored)
+            kept = await self.store.put(key, stored)
         except StoreUnavailable as exc:
             metrics.IDEMPOTENCY_ERRORS.inc()
             log.warning("idempotency store unwritable (%s); a redelivery would ask again", exc)
+            return message
+        if kept != stored:
+            log.info("a copy of this request was answered first: sending its reply")
+            metrics.DUPLICATES.inc()
+            return _outgoing(kept)
+        return message
 
     async def _answer(self, job: Job, attempt: int = 0) -> Result:
         """One attempt at the LLM, within JOB_TIMEOUT; raises ProviderError on failure."""
@@ -452,7 +478,7 @@ class Worker:
     def _reply(self, job: Job, result: Result) -> Outgoing:
         return Outgoing(
             self.codec.encode(job.conversation_id, result),
-            message_id=reply_message_id(job.id),
+            message_id=reply_message_id(job.id, error=result.error is not None),
             correlation_id=job.correlation_id or job.id,
             type=REPLY_TYPE,
         )

@@ -39,8 +39,9 @@ class ReplyStore(Protocol):
         """The reply stored for ``key``, if it has not expired."""
         ...
 
-    async def put(self, key: str, reply: StoredReply) -> None:
-        """Remember ``reply`` for the TTL."""
+    async def put(self, key: str, reply: StoredReply) -> StoredReply:
+        """Remember ``reply`` for the TTL unless a live reply is stored already; return the one
+        the store keeps. Two copies of a request answered at once thus publish one body."""
         ...
 
     async def ping(self) -> bool: ...
@@ -54,8 +55,8 @@ class NoReplyStore:
     async def get(self, key: str) -> StoredReply | None:
         return None
 
-    async def put(self, key: str, reply: StoredReply) -> None:
-        return None
+    async def put(self, key: str, reply: StoredReply) -> StoredReply:
+        return reply
 
     async def ping(self) -> bool:
         return True
@@ -104,20 +105,30 @@ class SQLiteReplyStore:
 
         return _decode(await self._run(read))
 
-    async def put(self, key: str, reply: StoredReply) -> None:
+    async def put(self, key: str, reply: StoredReply) -> StoredReply:
         self._puts += 1
         sweep = self._puts % 1000 == 1  # drop expired rows now and then, not on every write
 
-        def write(db: sqlite3.Connection) -> None:
+        def write(db: sqlite3.Connection) -> bytes:
             now = time.time()
-            db.execute(
-                "INSERT OR REPLACE INTO replies (key, reply, expires_at) VALUES (?, ?, ?)",
-                (key, _encode(reply), now + self.ttl),
-            )
-            if sweep:
-                db.execute("DELETE FROM replies WHERE expires_at <= ?", (now,))
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute(
+                    "INSERT INTO replies (key, reply, expires_at) VALUES (?, ?, ?)"
+                    " ON CONFLICT (key) DO UPDATE SET reply = excluded.reply,"
+                    " expires_at = excluded.expires_at WHERE replies.expires_at <= ?",
+                    (key, _encode(reply), now + self.ttl, now),
+                )
+                kept = db.execute("SELECT reply FROM replies WHERE key = ?", (key,)).fetchone()
+                if sweep:
+                    db.execute("DELETE FROM replies WHERE expires_at <= ?", (now,))
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return bytes(kept[0])
 
-        await self._run(write)
+        return _decode(await self._run(write)) or reply
 
     async def ping(self) -> bool:
         try:
@@ -150,11 +161,15 @@ class RedisReplyStore:
             raise StoreUnavailable(f"redis: {exc}") from exc
         return _decode(raw)
 
-    async def put(self, key: str, reply: StoredReply) -> None:
+    async def put(self, key: str, reply: StoredReply) -> StoredReply:
         try:
-            await self._redis.set(KEY_PREFIX + key, _encode(reply), px=round(self.ttl * 1000))
+            # SET NX GET: store unless present, and get what was there, in one round trip.
+            kept = await self._redis.set(
+                KEY_PREFIX + key, _encode(reply), px=round(self.ttl * 1000), nx=True, get=True
+            )
         except self._errors as exc:
             raise StoreUnavailable(f"redis: {exc}") from exc
+        return _decode(kept) or reply
 
     async def ping(self) -> bool:
         try:

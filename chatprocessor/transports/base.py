@@ -33,6 +33,8 @@ ATTEMPT_HEADER = "x-attempt"
 #: Epoch milliseconds (an integer: AMQP would round a float header to 32 bits) before which
 #: a delayed message must not be processed.
 RETRY_AT_HEADER = "x-retry-at"
+#: Epoch milliseconds of the job's first failure (bounds how long it may wait for breakers).
+FIRST_FAILED_HEADER = "x-first-failed-at"
 #: Headers a dead letter carries.
 DLQ_REASON = "x-dead-letter-reason"  # rejected | retries_exhausted | failed | ...
 DLQ_ERROR = "x-last-error"
@@ -88,7 +90,8 @@ def retry_headers(headers: dict[str, Any], *, attempt: int, error: str) -> dict[
 
 def replay_headers(headers: dict[str, Any]) -> dict[str, Any]:
     """A replayed dead letter starts again with a fresh retry budget."""
-    dropped = {ATTEMPT_HEADER, RETRY_AT_HEADER, DLQ_REASON, DLQ_ERROR, DLQ_FAILED_AT}
+    dropped = {ATTEMPT_HEADER, RETRY_AT_HEADER, FIRST_FAILED_HEADER, DLQ_REASON, DLQ_ERROR}
+    dropped |= {DLQ_FAILED_AT}
     dropped |= {DLQ_ATTEMPTS, DLQ_QUEUE, "x-death", "x-first-death-exchange"}
     dropped |= {"x-first-death-queue", "x-first-death-reason", "x-last-death-exchange"}
     dropped |= {"x-last-death-queue", "x-last-death-reason"}
@@ -169,6 +172,11 @@ class Delivery(abc.ABC):
         return max(0, min(MAX_ATTEMPT, int(header_number(self.headers, ATTEMPT_HEADER))))
 
     @property
+    def first_failed_at(self) -> float | None:
+        """Epoch seconds of the job's first failed attempt, if any."""
+        return header_number(self.headers, FIRST_FAILED_HEADER) / 1000 or None
+
+    @property
     def retry_at(self) -> float:
         """Epoch seconds before which it must wait (0: now)."""
         return header_number(self.headers, RETRY_AT_HEADER) / 1000
@@ -190,6 +198,7 @@ class Delivery(abc.ABC):
             else:  # only waiting longer: keep the attempt count and the last error
                 headers = dict(self.headers)
             headers.pop(RETRY_AT_HEADER, None)
+            headers.setdefault(FIRST_FAILED_HEADER, math.floor(time.time() * 1000))
             if delay > 0:
                 headers[RETRY_AT_HEADER] = math.ceil((time.time() + delay) * 1000)
             await self._unsettle_on_error(self._retry(delay, headers))

@@ -110,3 +110,16 @@ async def test_settings_choose_the_store(tmp_path: Path) -> None:
     finally:
         for store in (local, redis, off):
             await store.close()
+
+
+async def test_the_first_reply_stored_wins(open_store: Callable[..., Any]) -> None:
+    """Two copies of one request answered at once must publish one body."""
+    store = open_store(ttl=0.3)
+    k = key()
+    other = StoredReply(b'{"conversation_id": 1, "message": "second"}', "mid-1", "corr-1", "T")
+    assert await store.put(k, REPLY) == REPLY
+    assert await store.put(k, other) == REPLY  # kept the first, and says so
+    assert await store.get(k) == REPLY
+    await asyncio.sleep(0.5)  # once expired, a new reply takes the place
+    assert await store.put(k, other) == other
+    assert await store.get(k) == other

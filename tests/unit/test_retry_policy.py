@@ -30,7 +30,8 @@ def test_delay_grows_exponentially_with_jitter_and_stays_within_base_and_cap() -
 def test_retry_after_is_a_floor_even_beyond_the_cap() -> None:
     policy = RetryPolicy(base=1.0, cap=10.0)
     assert all(policy.delay(1, retry_after=7.5) >= 7.5 for _ in range(50))
-    assert policy.delay(1, retry_after=120.0) == 120.0
+    assert all(120.0 <= policy.delay(1, retry_after=120.0) <= 121.0 for _ in range(50))
+    assert policy.delay(1, retry_after=10 * 3600) <= 3601.0  # capped at an hour (MAX_WAIT)
     # A Retry-After shorter than the backoff does not shorten it.
     assert all(policy.delay(6, retry_after=0.1) >= 1.0 for _ in range(50))
 
@@ -62,3 +63,9 @@ def test_hops_through_tiers_add_up_to_the_delay_within_one_base_step() -> None:
 def test_tier_queue_names_carry_milliseconds() -> None:
     assert tier_name("UserPromptReceived", 0.05) == "UserPromptReceived.retry.50ms"
     assert tier_name("q", 300) == "q.retry.300000ms"
+
+
+def test_total_backoff_is_the_sum_of_the_capped_steps() -> None:
+    assert RetryPolicy(max_retries=5, base=1.0, cap=300.0).total_backoff() == 31.0
+    assert RetryPolicy(max_retries=4, base=1.0, cap=4.0).total_backoff() == 11.0
+    assert RetryPolicy(max_retries=0).total_backoff() == 0.0

@@ -1,0 +1,1 @@
+"""Fault-injection tests: kill -9, broker cuts, provider outages, poison messages (-m faults)."""
