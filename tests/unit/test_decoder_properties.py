@@ -31,7 +31,8 @@ from chatprocessor.core.job import Job, Result
 from chatprocessor.core.worker import REPLY_TYPE, Worker, WorkerConfig
 from chatprocessor.ops.logging import setup_logging
 from chatprocessor.providers.mock import MockProvider
-from chatprocessor.transports.base import DLQ_REASON, REJECTED, Delivery, Outgoing
+from chatprocessor.transports.base import DLQ_REASON, REJECTED
+from tests.fakes.memory import MemoryDelivery, MemoryTransport
 
 MAX_BYTES = 4096
 NAMINGS: tuple[Naming, ...] = ("snake", "camel", "pascal")
@@ -589,56 +590,6 @@ def test_request_round_trips_in_every_spelling(
 
 
 # --------------------------------------------------- 7. the worker: no crash, no secret
-
-
-class MemoryDelivery(Delivery):
-    """A delivery that records how it was settled."""
-
-    def __init__(
-        self,
-        body: bytes,
-        *,
-        message_id: str | None = None,
-        reply_to: str | None = None,
-        correlation_id: str | None = None,
-    ) -> None:
-        self.queue = "in"
-        self.body = body
-        self.message_id = message_id
-        self.correlation_id = correlation_id
-        self.reply_to = reply_to
-        self.type = None
-        self.headers = {}
-        self.redelivered = False
-        self.settlements: list[tuple[str, dict[str, Any]]] = []
-
-    async def _ack(self) -> None:
-        self.settlements.append(("ack", {}))
-
-    async def _dead_letter(self, error: str, headers: dict[str, Any]) -> None:
-        self.settlements.append(("dead_letter", headers))
-
-    async def _retry(self, delay: float, headers: dict[str, Any]) -> None:
-        self.settlements.append(("retry", headers))
-
-    async def _release(self) -> None:
-        self.settlements.append(("release", {}))
-
-
-class MemoryTransport:
-    """Publishes into a list; every queue exists."""
-
-    def __init__(self) -> None:
-        self.published: list[tuple[str, Outgoing]] = []
-
-    async def publish(self, destination: str, message: Outgoing) -> None:
-        self.published.append((destination, message))
-
-    async def declare(self, queue: str) -> None:
-        return None
-
-    async def declare_input(self, queue: str) -> None:
-        return None
 
 
 SECRET_CHARS = string.ascii_letters + string.digits + "!#$%&+-./:;<=>?@[]^_{|}~\"'\\ "

@@ -18,72 +18,19 @@ from typer.testing import CliRunner
 
 from chatprocessor.cli import app as cli_app
 from chatprocessor.contracts.chat import ChatCodec
-from chatprocessor.core.errors import BrokerUnavailable, ProviderUnavailable, PublishFailed
+from chatprocessor.core.errors import BrokerUnavailable, ProviderUnavailable
 from chatprocessor.core.retry import RetryPolicy
 from chatprocessor.core.worker import Worker, WorkerConfig
 from chatprocessor.providers.base import ChatRequest, Chunk
 from chatprocessor.providers.mock import MockProvider
 from chatprocessor.providers.router import RouterProvider
 from chatprocessor.stores.replies import SQLiteReplyStore
-from chatprocessor.transports.base import Delivery, Outgoing
+from chatprocessor.transports.base import Delivery
+from tests.fakes.memory import MemoryDelivery, MemoryTransport
 
 pytestmark = pytest.mark.timeout(30)
 
 CODEC = ChatCodec(max_bytes=65536)
-
-
-class FakeDelivery(Delivery):
-    """A delivery that records how the worker settled it."""
-
-    def __init__(
-        self,
-        body: bytes,
-        *,
-        message_id: str | None = None,
-        headers: dict[str, Any] | None = None,
-        refuse_retry: bool = False,
-    ) -> None:
-        self.queue = "in"
-        self.body = body
-        self.message_id = message_id
-        self.correlation_id = None
-        self.reply_to = None
-        self.type = None
-        self.headers = dict(headers or {})
-        self.redelivered = False
-        self.refuse_retry = refuse_retry
-        self.actions: list[tuple[Any, ...]] = []
-
-    @property
-    def kinds(self) -> list[str]:
-        return [action[0] for action in self.actions]
-
-    async def _ack(self) -> None:
-        self.actions.append(("ack",))
-
-    async def _dead_letter(self, error: str, headers: dict[str, Any]) -> None:
-        self.actions.append(("dead_letter", error, headers))
-
-    async def _retry(self, delay: float, headers: dict[str, Any]) -> None:
-        if self.refuse_retry:  # the delay queue nacked the copy (full, reject-publish)
-            raise PublishFailed("broker refused the message for 'in.retry.1000ms'")
-        self.actions.append(("retry", delay, headers))
-
-    async def _release(self) -> None:
-        self.actions.append(("release",))
-
-
-class FakeTransport:
-    """Publishes into a list; enough for Worker.handle."""
-
-    def __init__(self) -> None:
-        self.published: list[tuple[str, Outgoing]] = []
-
-    async def publish(self, destination: str, message: Outgoing) -> None:
-        self.published.append((destination, message))
-
-    async def declare(self, queue: str) -> None:
-        return None
 
 
 class Down:
@@ -130,7 +77,7 @@ def prompt(conversation_id: int, message: str) -> bytes:
 
 def worker(provider: Any, transport: Any = None, **config: Any) -> Worker:
     return Worker(
-        transport or FakeTransport(),
+        transport or MemoryTransport(),
         provider,
         CODEC,
         WorkerConfig("in", "out", **config),
@@ -143,13 +90,13 @@ def worker(provider: Any, transport: Any = None, **config: Any) -> Worker:
 async def test_reused_message_id_is_answered_with_another_conversations_reply(
     tmp_path: Path,
 ) -> None:
-    transport = FakeTransport()
+    transport = MemoryTransport()
     store = SQLiteReplyStore(tmp_path / "replies.sqlite3", ttl=3600)
     w = Worker(transport, MockProvider(), CODEC, WorkerConfig("in", "out"), store=store)
     try:
         # Two different jobs of two conversations (tenants) that happen to share a message_id.
-        await w.handle(FakeDelivery(prompt(1, "alpha secret of tenant one"), message_id="42"))
-        await w.handle(FakeDelivery(prompt(2, "beta"), message_id="42"))
+        await w.handle(MemoryDelivery(prompt(1, "alpha secret of tenant one"), message_id="42"))
+        await w.handle(MemoryDelivery(prompt(2, "beta"), message_id="42"))
     finally:
         await store.close()
     second = orjson.loads(transport.published[-1][1].body)
@@ -165,8 +112,8 @@ async def test_retry_while_every_breaker_is_open_waits_for_the_cool_down() -> No
     down = Down("review-open")
     router = RouterProvider([down], fail_max=1, reset_timeout=60)
     w = worker(router, retry=RetryPolicy(max_retries=5, base=1.0, cap=300.0))
-    await w.handle(FakeDelivery(prompt(1, "opens the breaker")))
-    second = FakeDelivery(prompt(2, "skipped"))
+    await w.handle(MemoryDelivery(prompt(1, "opens the breaker")))
+    second = MemoryDelivery(prompt(2, "skipped"))
     await w.handle(second)
     assert down.calls == 1  # the second job never reached the provider
     kind, delay, _ = second.actions[0]
@@ -179,7 +126,7 @@ async def test_retry_while_every_breaker_is_open_waits_for_the_cool_down() -> No
 async def test_refused_retry_copy_does_not_requeue_the_job_at_once() -> None:
     down = Down("review-refused")
     w = worker(down)
-    delivery = FakeDelivery(prompt(1, "hello"), refuse_retry=True)
+    delivery = MemoryDelivery(prompt(1, "hello"), refuse_retry=True)
     await w.handle(delivery)
     # Today: [("release",)], i.e. basic.nack(requeue=True): the broker hands it straight
     # back, the provider is asked again, the copy is refused again, ... (about 600 LLM
@@ -194,10 +141,10 @@ async def test_job_timeout_of_the_half_open_probe_does_not_close_the_breaker() -
     hangs = Hangs("review-probe", fail_first=1)
     router = RouterProvider([hangs], fail_max=1, reset_timeout=0.05)
     w = worker(router, job_timeout=0.1)
-    await w.handle(FakeDelivery(prompt(1, "opens the breaker")))
+    await w.handle(MemoryDelivery(prompt(1, "opens the breaker")))
     assert router.breaker_states()["review-probe"] == "open"
     await asyncio.sleep(0.12)  # cool-down over: the next job is the trial call
-    probe = FakeDelivery(prompt(2, "probe"))
+    probe = MemoryDelivery(prompt(2, "probe"))
     await w.handle(probe)
     assert probe.kinds == ["retry"]  # the probe failed (ProviderTimeout from JOB_TIMEOUT)
     assert router.breaker_states()["review-probe"] != "closed"
@@ -208,7 +155,7 @@ async def test_job_timeouts_on_a_hung_provider_open_its_breaker() -> None:
     router = RouterProvider([hangs], fail_max=2, reset_timeout=60)
     w = worker(router, job_timeout=0.05)
     for n in range(3):
-        delivery = FakeDelivery(prompt(n, "hello"))
+        delivery = MemoryDelivery(prompt(n, "hello"))
         await w.handle(delivery)
         assert delivery.kinds == ["retry"]
     # Three consecutive transient failures (README: "JOB_TIMEOUT passed" is transient),
@@ -220,7 +167,7 @@ async def test_job_timeouts_on_a_hung_provider_open_its_breaker() -> None:
 # -- shutdown when the broker stops the consumer ----------------------------------------
 
 
-class EndingTransport(FakeTransport):
+class EndingTransport(MemoryTransport):
     """Hands out one delivery, then the broker cancels the consumer (queue deleted)."""
 
     def __init__(self, delivery: Delivery) -> None:
@@ -241,7 +188,7 @@ class Slow(MockProvider):
 
 
 async def test_jobs_in_flight_finish_when_the_broker_cancels_the_consumer() -> None:
-    delivery = FakeDelivery(prompt(1, "in flight"))
+    delivery = MemoryDelivery(prompt(1, "in flight"))
     w = worker(Slow(), EndingTransport(delivery), graceful_timeout=5)
     try:
         with pytest.raises(BrokerUnavailable):
