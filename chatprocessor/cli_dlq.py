@@ -70,13 +70,19 @@ def list_(
     """Show dead letters, oldest first, with why they failed. They stay in place."""
     import orjson
 
-    letters = _with_admin(queue, lambda admin, name: admin.list_dead_letters(name, limit))
+    used: list[str] = []
+
+    async def fetch(admin: DeadLetterAdmin, name: str) -> list[DeadLetter]:
+        used.append(name)
+        return await admin.list_dead_letters(name, limit)
+
+    letters = _with_admin(queue, fetch)
     if json_output:
         for letter in letters:
             typer.echo(orjson.dumps(_as_json(letter)).decode())
         return
     out = Console()
-    title = f"{dead_letter_name(queue or '<input>')}: {len(letters)} shown"
+    title = f"{dead_letter_name(used[0])}: {len(letters)} shown"
     columns = ("id", "message_id", "reason", "attempts", "failed_at", "error", "body")
     table = Table(*columns, title=title)
     for letter in letters:
