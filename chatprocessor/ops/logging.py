@@ -12,7 +12,7 @@ import contextvars
 import logging
 import sys
 from collections.abc import Iterable
-from typing import Any
+from typing import IO
 
 TEXT_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(conversation)s%(message)s"
 
@@ -68,25 +68,50 @@ def _json_formatter() -> logging.Formatter:
     return formatter
 
 
+class TeeHandler(logging.Handler):
+    """Writes each record to stdout and the log file: filtered and formatted once for
+    both (two handlers would run the filters and the formatter twice per line)."""
+
+    terminator = "\n"
+
+    def __init__(self, stream: IO[str], log_file: str = "") -> None:
+        super().__init__()
+        self.streams: list[IO[str]] = [stream]
+        self._file: IO[str] | None = None
+        if log_file:
+            self._file = open(log_file, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+            self.streams.append(self._file)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+            for stream in self.streams:
+                stream.write(line)
+                stream.flush()
+        except Exception:
+            self.handleError(record)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        super().close()
+
+
 def setup_logging(
     *, level: str = "INFO", log_file: str = "", fmt: str = "text", secrets: Iterable[str] = ()
 ) -> None:
     """Log to stdout and, when LOG_FILE is set, to that file too."""
     formatter = _json_formatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT)
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
-    if log_file:
-        handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
-    filters: list[Any] = [ConversationFilter(), RedactFilter(secrets)]
-    for handler in handlers:
-        handler.setFormatter(formatter)
-        for f in filters:
-            handler.addFilter(f)
+    handler = TeeHandler(sys.stdout, log_file)
+    handler.setFormatter(formatter)
+    handler.addFilter(ConversationFilter())
+    handler.addFilter(RedactFilter(secrets))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
         old.close()
-    for handler in handlers:
-        root.addHandler(handler)
+    root.addHandler(handler)
     root.setLevel(level)
     # aiormq narrates every frame at DEBUG; keep it at WARNING unless asked for.
     for noisy in ("aiormq", "aio_pika", "httpx", "httpcore"):
