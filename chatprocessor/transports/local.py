@@ -69,8 +69,10 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 CREATE TABLE IF NOT EXISTS reply_queues (name TEXT PRIMARY KEY, created_at REAL NOT NULL);
 """
 _COLUMNS = "id, body, message_id, correlation_id, reply_to, type, headers, attempts"
-_IDLE_POLL_MIN = 0.005
-_IDLE_POLL_MAX = 0.1
+#: An idle consumer polls with cheap reads (no write lock), backing off to 10 ms: a job
+#: or a streamed token waits at most that long for its reader in another process.
+_IDLE_POLL_MIN = 0.001
+_IDLE_POLL_MAX = 0.01
 
 
 class LocalDelivery(Delivery):
@@ -278,7 +280,6 @@ class LocalTransport:
 
     async def consume(self, queue: str, prefetch: int) -> AsyncIterator[Delivery]:
         slots = asyncio.Semaphore(prefetch)
-        idle = _IDLE_POLL_MIN
         while True:
             await slots.acquire()
             try:
@@ -288,12 +289,28 @@ class LocalTransport:
                 raise
             if delivery is None:
                 slots.release()
-                await asyncio.sleep(idle)  # no wake-up across processes: poll, backing off
-                idle = min(idle * 2, _IDLE_POLL_MAX)
+                await self._wait_for_work(queue)
                 continue
-            idle = _IDLE_POLL_MIN
             self._slots[delivery.row_id] = slots
             yield delivery
+
+    async def _wait_for_work(self, queue: str) -> None:
+        """Until a message of ``queue`` is visible. Processes share no wake-up, so this
+        polls, backing off, with a read that takes no lock from writers."""
+
+        def ready(db: sqlite3.Connection) -> bool:
+            row = db.execute(
+                "SELECT 1 FROM messages WHERE queue = ? AND visible_at <= ? LIMIT 1",
+                (queue, time.time()),
+            ).fetchone()
+            return row is not None
+
+        idle = _IDLE_POLL_MIN
+        while True:
+            await asyncio.sleep(idle)
+            if await self._run(ready):
+                return
+            idle = min(idle * 2, _IDLE_POLL_MAX)
 
     async def _settle(
         self, delivery: LocalDelivery, fn: Callable[[sqlite3.Connection], None]
