@@ -421,7 +421,7 @@ class Worker:
         parts: list[str] = []
         pending: list[str] = []
         index = 0
-        last_flush = started
+        last_flush = started - self.config.stream_flush_interval  # the first piece goes at once
         model = job.model or self.provider.default_model
         prompt_tokens = completion_tokens = None
         provider = self.provider.name
