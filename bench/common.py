@@ -58,6 +58,8 @@ from typing import Any
 
 import orjson
 
+from chatprocessor.settings import is_setting_variable
+
 ROOT = Path(__file__).resolve().parents[1]
 RABBITMQ_URL = os.environ.get("BENCH_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 #: Scenario names, in the order ``python -m bench all`` runs them.
@@ -640,44 +642,10 @@ class Broker:
 
 # -- processes ---------------------------------------------------------------------------------
 
-_STRIPPED_PREFIXES = (
-    "RABBITMQ_",
-    "OLLAMA_",
-    "OPENAI_",
-    "EMBEDDED_",
-    "LOCAL_",
-    "RETRY_",
-    "BREAKER_",
-)
-_STRIPPED = {
-    "TRANSPORT",
-    "PROVIDERS",
-    "MAX_RETRIES",
-    "JOB_TIMEOUT",
-    "IDEMPOTENCY_TTL",
-    "REDIS_URL",
-    "DATA_DIR",
-    "OPS_PORT",
-    "OPS_HOST",
-    "LOG_FILE",
-    "LOG_FORMAT",
-    "LOG_LEVEL",
-    "PREFETCH_COUNT",
-    "MAX_MESSAGE_BYTES",
-    "GRACEFUL_TIMEOUT",
-    "OUTPUT_NAMING",
-    "SYSTEM_PROMPT",
-    "BOT_USER_ID",
-}
-
 
 def child_env(**overrides: str) -> dict[str, str]:
     """This environment without chatprocessor settings, the repository importable."""
-    env = {
-        name: value
-        for name, value in os.environ.items()
-        if not name.startswith(_STRIPPED_PREFIXES) and name not in _STRIPPED
-    }
+    env = {name: value for name, value in os.environ.items() if not is_setting_variable(name)}
     path = env.get("PYTHONPATH")
     env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{path}" if path else str(ROOT)
     env["PYTHONUNBUFFERED"] = "1"

@@ -70,7 +70,7 @@ def run() -> None:
 
     settings = _settings()
     try:  # paths are only truly known to work once used (root passes every access check)
-        if settings.transport == "local" or settings.local_idempotency:
+        if settings.uses_data_dir:
             settings.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         _fail(f"invalid configuration: DATA_DIR: {exc}", 2)

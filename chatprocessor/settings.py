@@ -157,15 +157,14 @@ class Settings(BaseSettings):
         return value
 
     @property
-    def local_idempotency(self) -> bool:
-        """Replies are remembered in DATA_DIR (no REDIS_URL) rather than in Redis."""
-        return self.idempotency_ttl > 0 and self.redis_url is None
+    def uses_data_dir(self) -> bool:
+        """The local transport, and the idempotency store without REDIS_URL, keep files there."""
+        local_store = self.idempotency_ttl > 0 and self.redis_url is None
+        return self.transport == "local" or local_store
 
     @model_validator(mode="after")
     def _check_data_dir(self) -> Settings:
-        # The local transport and the local idempotency store keep files there.
-        needed = self.transport == "local" or self.local_idempotency
-        if needed and not _writable(self.data_dir.expanduser(), create=True):
+        if self.uses_data_dir and not _writable(self.data_dir.expanduser(), create=True):
             raise ValueError(
                 f"DATA_DIR {self.data_dir} cannot be created or written (set DATA_DIR)"
             )
@@ -235,6 +234,16 @@ class Settings(BaseSettings):
             return cls(**overrides)
         except ValidationError as exc:
             raise ConfigError(describe_validation_error(exc)) from exc
+
+
+#: Variables the LLM client libraries read by themselves (OPENAI_ORG_ID, OLLAMA_HOST, ...).
+CLIENT_ENV_PREFIXES = ("OPENAI_", "OLLAMA_")
+
+
+def is_setting_variable(name: str) -> bool:
+    """Whether an environment variable configures chatprocessor or its LLM clients (tests and
+    benchmarks strip these to run with known settings)."""
+    return name.lower() in Settings.model_fields or name.upper().startswith(CLIENT_ENV_PREFIXES)
 
 
 def describe_validation_error(exc: ValidationError) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from chatprocessor.settings import is_setting_variable
 from tests.fakes.ollama import FakeOllama
 
 RABBITMQ_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -45,27 +46,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
     """Settings come from the environment: keep the developer's out of tests."""
     for name in list(os.environ):
-        prefixes = ("RABBITMQ_", "OLLAMA_", "EMBEDDED_", "LOCAL_", "OPENAI_", "RETRY_", "BREAKER_")
-        if name.startswith(prefixes) or name in {
-            "MAX_RETRIES",
-            "JOB_TIMEOUT",
-            "IDEMPOTENCY_TTL",
-            "REDIS_URL",
-            "TRANSPORT",
-            "PROVIDERS",
-            "DATA_DIR",
-            "OPS_PORT",
-            "OPS_HOST",
-            "LOG_FILE",
-            "LOG_FORMAT",
-            "LOG_LEVEL",
-            "PREFETCH_COUNT",
-            "MAX_MESSAGE_BYTES",
-            "GRACEFUL_TIMEOUT",
-            "OUTPUT_NAMING",
-            "SYSTEM_PROMPT",
-            "BOT_USER_ID",
-        }:
+        if is_setting_variable(name):
             monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)  # no stray .env, logs land in tmp
     yield

@@ -88,9 +88,13 @@ def _depth(value: Any, limit: int) -> int:
     return deepest
 
 
+def body_digest(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()[:32]
+
+
 def request_id(body: bytes, message_id: str | None) -> str:
     """The broker's message_id when set, else a digest of the body: stable across redeliveries."""
-    return message_id or hashlib.sha256(body).hexdigest()[:32]
+    return message_id or body_digest(body)
 
 
 def reply_message_id(job_id: str, *, error: bool = False) -> str:

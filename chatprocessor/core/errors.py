@@ -58,8 +58,11 @@ class ProviderError(ChatProcessorError):
     """An LLM provider failed to answer."""
 
     transient = True
-    #: Seconds the provider (or its circuit breaker) asks us to wait before trying again.
-    retry_after: float | None = None
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        #: Seconds the provider (or its circuit breaker) asks us to wait before trying again.
+        self.retry_after = retry_after
 
 
 class ProviderUnavailable(ProviderError):
@@ -69,10 +72,6 @@ class ProviderUnavailable(ProviderError):
 class CircuitOpen(ProviderUnavailable):
     """The provider failed repeatedly; it is skipped until its cool-down ends."""
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
 
 class ProviderTimeout(ProviderError):
     """The provider did not answer in time."""
@@ -80,10 +79,6 @@ class ProviderTimeout(ProviderError):
 
 class RateLimited(ProviderError):
     """The provider asked us to slow down."""
-
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 class BadRequest(ProviderError):

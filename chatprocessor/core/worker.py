@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
 
-from chatprocessor.contracts.chat import ChatCodec, reply_message_id, request_id
+from chatprocessor.contracts.chat import ChatCodec, body_digest, reply_message_id, request_id
 from chatprocessor.core.errors import (
     BrokerUnavailable,
     CircuitOpen,
@@ -72,10 +71,6 @@ class WorkerConfig:
     #: How long a job skipped by open circuit breakers may wait without using attempts,
     #: counted from its first failure (app: the retry budget, at least 2 breaker cool-downs).
     breaker_patience: float = 60.0
-
-
-#: A delayed message back before its due time takes another hop: never early (Retry-After).
-_EARLY_TOLERANCE = 0.0
 
 
 class Worker:
@@ -234,8 +229,9 @@ class Worker:
         wait = delivery.retry_at - time.time()
         if wait > max(MAX_WAIT, self.config.retry.cap):
             log.warning("ignoring a due time %.0fs away (clock skew?): processing now", wait)
-        elif wait > _EARLY_TOLERANCE:
-            # Back from a delay queue shorter than its delay: one more hop, no attempt spent.
+        elif wait > 0:
+            # Back from a delay queue shorter than its delay: one more hop, no attempt spent
+            # (never early: a Retry-After is a floor).
             await delivery.retry(wait, "waiting for the retry time", count=False)
             return "delayed"
         try:
@@ -252,13 +248,12 @@ class Worker:
         try:
             # The body's digest is part of the key: a message_id reused for another
             # request (another conversation) must never get that request's reply.
-            digest = hashlib.sha256(delivery.body).hexdigest()[:32]
-            return await self._process_job(delivery, job, f"{job.id}:{digest}")
+            key = f"{self.config.input_queue}:{job.id}:{body_digest(delivery.body)}"
+            return await self._process_job(delivery, job, key)
         finally:
             conversation_id_var.reset(token)
 
-    async def _process_job(self, delivery: Delivery, job: Job, request_key: str) -> str:
-        key = f"{self.config.input_queue}:{request_key}"
+    async def _process_job(self, delivery: Delivery, job: Job, key: str) -> str:
         stored = await self._recall(key)
         if stored is not None:
             log.info("already answered: sending the stored reply again (no LLM call)")

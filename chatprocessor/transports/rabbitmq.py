@@ -105,6 +105,21 @@ def _encode_floats_as_doubles() -> None:
 _encode_floats_as_doubles()
 
 
+def copy_of(message: AbstractIncomingMessage, headers: dict[str, Any]) -> Outgoing:
+    """``message`` with other headers, to publish to a delay or dead-letter queue (or back)."""
+    return Outgoing(
+        message.body,
+        # Without a message_id aiormq would invent a random one, and the job's
+        # identity (a digest of the body) would change from copy to copy.
+        message_id=message.message_id or request_id(message.body, None),
+        correlation_id=message.correlation_id,
+        reply_to=message.reply_to,
+        type=message.type,
+        headers=encodable(headers),
+        content_type=message.content_type,
+    )
+
+
 class RabbitDelivery(Delivery):
     """An AMQP message; settling it acks, rejects or requeues on its channel."""
 
@@ -141,24 +156,13 @@ class RabbitDelivery(Delivery):
     async def _ack(self) -> None:
         await self._settle("ack")
 
-    def _copy(self, headers: dict[str, Any]) -> Outgoing:
-        return Outgoing(
-            self.body,
-            # Without a message_id aiormq would invent a random one, and the job's
-            # identity (a digest of the body) would change from copy to copy.
-            message_id=self.message_id or request_id(self.body, None),
-            correlation_id=self.correlation_id,
-            reply_to=self.reply_to,
-            type=self.type,
-            headers=encodable(headers),
-            content_type=self._message.content_type,
-        )
-
     async def _dead_letter(self, error: str, headers: dict[str, Any]) -> None:
         if self._transport is None:  # a reply-queue message: nothing to park
             await self._settle("reject", requeue=False)
             return
-        await self._transport.publish_declaring(dead_letter_name(self.queue), self._copy(headers))
+        await self._transport.publish_declaring(
+            dead_letter_name(self.queue), copy_of(self._message, headers)
+        )
         await self._settle("ack")
 
     async def _retry(self, delay: float, headers: dict[str, Any]) -> None:
@@ -167,7 +171,7 @@ class RabbitDelivery(Delivery):
             return
         tier = pick_tier(self._transport.retry_tiers, delay)
         await self._transport.publish_declaring(
-            tier_name(self.queue, tier), self._copy(headers), input_queue=self.queue
+            tier_name(self.queue, tier), copy_of(self._message, headers), input_queue=self.queue
         )
         await self._settle("ack")
 
@@ -438,7 +442,7 @@ class RabbitMQTransport:
                     break
                 headers = dict(message.headers or {})
                 target = str(headers.get(DLQ_QUEUE) or queue)
-                copy = RabbitDelivery(message, None, target)._copy(replay_headers(headers))
+                copy = copy_of(message, replay_headers(headers))
                 await self.publish(target, copy)  # confirmed before the dead letter goes
                 await message.ack()
                 replayed += 1

@@ -363,3 +363,12 @@ def test_local_replies_store_needs_a_writable_data_dir(
     assert "DATA_DIR" in message
     monkeypatch.setenv("REDIS_URL", "redis://localhost:6379/0")  # replies go to Redis instead
     assert Settings.load().redis_url
+
+
+def test_setting_variables_are_the_fields_and_the_clients_own() -> None:
+    from chatprocessor.settings import is_setting_variable
+
+    assert all(is_setting_variable(name.upper()) for name in Settings.model_fields)
+    assert is_setting_variable("job_timeout")  # pydantic-settings reads any case
+    assert is_setting_variable("OPENAI_ORG_ID") and is_setting_variable("OLLAMA_HOST")
+    assert not is_setting_variable("PATH") and not is_setting_variable("CI")
