@@ -4,15 +4,17 @@ An instant backend (the fake Ollama, zero latency), the same jobs through the re
 the same prefetch for every contestant, each a process of its own:
 
 - limit: a minimal aio-pika loop written here (consume, POST to the fake's ``/api/chat``
-  with one shared ``httpx.AsyncClient``, publish the reply with confirms, ack);
+  with one shared ``aiohttp.ClientSession``, the HTTP client chatprocessor uses for it,
+  publish the reply with confirms, ack);
 - chatprocessor: ``python -m chatprocessor run`` with default settings (idempotency store
   included);
 - faststream: the same job as most users would write it with FastStream (a RabbitMQ
   subscriber calling the fake with httpx, its reply published by the subscriber's publisher),
   started with FastStream's own CLI.
 
-Two rows more are for reading only (no target): the limit without the LLM call (the broker's
-own ceiling) and chatprocessor with IDEMPOTENCY_TTL=0 (what the idempotency store costs).
+Three rows more are for reading only (no target): the limit without the LLM call (the
+broker's own ceiling), the limit with httpx instead of aiohttp (what that choice of client
+is worth) and chatprocessor with IDEMPOTENCY_TTL=0 (what the idempotency store costs).
 
 Method: 4 rounds; in each, every contestant in turn (the order reversed every other round, so
 drift in the machine's load hits all alike) gets its share of the jobs published first
@@ -20,7 +22,7 @@ drift in the machine's load hits all alike) gets its share of the jobs published
 Totals are jobs over the summed first-to-last times. CPU ms/job is the contestant process's
 own CPU time, which other processes' load disturbs less than jobs/s.
 
-Peers run as ``python -m bench.overhead limit [--client httpx|aiohttp|none]`` and
+Peers run as ``python -m bench.overhead limit [--client aiohttp|httpx|none]`` and
 ``python -m faststream run bench.overhead:faststream_app --factory``, configured by
 BENCH_INPUT, BENCH_OUTPUT, OLLAMA_BASE_URL, PREFETCH_COUNT.
 """
@@ -76,6 +78,7 @@ LIMIT = "limit (aio-pika loop)"
 CHATPROCESSOR = "chatprocessor"
 FASTSTREAM = "faststream"
 BROKER_ONLY = "broker only, no LLM call (info)"
+LIMIT_HTTPX = "limit with httpx (info)"
 NO_STORE = "chatprocessor, IDEMPOTENCY_TTL=0 (info)"
 MAIN = (LIMIT, CHATPROCESSOR, FASTSTREAM)
 CHART_LABELS = {
@@ -83,6 +86,7 @@ CHART_LABELS = {
     CHATPROCESSOR: "chatprocessor",
     FASTSTREAM: "faststream",
     BROKER_ONLY: "broker only\n(info)",
+    LIMIT_HTTPX: "limit, httpx\n(info)",
     NO_STORE: "chatprocessor\nTTL=0 (info)",
 }
 
@@ -139,6 +143,10 @@ def contestants(fake: FakeBackend) -> dict[str, Starter]:
         args = [sys.executable, "-m", "bench.overhead", "limit"]
         return BenchProcess(args, _peer_env(queues, fake.url), "limit", scratch)
 
+    def limit_httpx(queues: QueueSet, scratch: Path) -> BenchProcess:
+        args = [sys.executable, "-m", "bench.overhead", "limit", "--client", "httpx"]
+        return BenchProcess(args, _peer_env(queues, fake.url), "limit-httpx", scratch)
+
     def broker_only(queues: QueueSet, scratch: Path) -> BenchProcess:
         args = [sys.executable, "-m", "bench.overhead", "limit", "--client", "none"]
         return BenchProcess(args, _peer_env(queues, fake.url), "broker-only", scratch)
@@ -157,6 +165,7 @@ def contestants(fake: FakeBackend) -> dict[str, Starter]:
         CHATPROCESSOR: chatprocessor,
         FASTSTREAM: faststream,
         BROKER_ONLY: broker_only,
+        LIMIT_HTTPX: limit_httpx,
         NO_STORE: lambda queues, scratch: chatprocessor(queues, scratch, IDEMPOTENCY_TTL="0"),
     }
 
@@ -291,7 +300,7 @@ async def run(options: Options) -> Outcome:
     outcome.notes.append(
         f"the issue's literal limit has no LLM call (consume, publish with confirms, ack): "
         f"that is the broker-only row; chatprocessor / broker-only = {mine / broker_only:.3f}. "
-        "The limit row adds the POST to the fake Ollama with httpx, as chatprocessor does"
+        "The limit row adds the POST to the fake Ollama with aiohttp, as chatprocessor does"
     )
     outcome.notes.append(
         f"CPU ms/job: the contestant process only. 1-min load average {load:.2f} at the start, "
@@ -320,11 +329,12 @@ async def run(options: Options) -> Outcome:
 # -- the limit: a minimal aio-pika loop ---------------------------------------------------------
 
 
-async def limit_main(*, client: str = "httpx") -> None:
+async def limit_main(*, client: str = "aiohttp") -> None:
     """Consume, ask the fake Ollama, publish the reply (confirmed, persistent), ack.
 
-    ``client``: ``httpx`` (the limit: one shared ``httpx.AsyncClient``), ``aiohttp`` (an
-    experiment: what the HTTP client costs) or ``none`` (no LLM call: the broker's ceiling).
+    ``client``: ``aiohttp`` (the limit: one shared ``aiohttp.ClientSession``, the HTTP
+    client chatprocessor's Ollama provider uses), ``httpx`` (what the other common client
+    costs) or ``none`` (no LLM call: the broker's ceiling).
     """
     import aio_pika
     import aiohttp
@@ -459,7 +469,7 @@ def _main(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m bench.overhead")
     parser.add_argument("role", choices=["limit"])
-    parser.add_argument("--client", choices=["httpx", "aiohttp", "none"], default="httpx")
+    parser.add_argument("--client", choices=["aiohttp", "httpx", "none"], default="aiohttp")
     parser.add_argument("--broker-only", action="store_true", help="same as --client none")
     args = parser.parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 
 from chatprocessor.contracts.chat import ChatCodec
@@ -72,6 +73,9 @@ async def run_service(settings: Settings, stop: asyncio.Event) -> None:
                 await starting
             return
         starting.result()
+        # What start-up built (modules, settings, clients) lives until exit: moving it out
+        # of the collector's generations keeps full collections from walking it again.
+        gc.freeze()
         log.info("ready: waiting for prompts on %r", settings.rabbitmq_queue_input)
         await worker.run(stop)
     finally:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Required, TypedDict
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
@@ -53,23 +53,30 @@ class UserPromptReceived(BaseModel):
         return value
 
 
-class BotResponseCreated(BaseModel):
-    """The answer, published on the request's reply_to or RABBITMQ_QUEUE_OUTPUT."""
+class BotResponseCreated(TypedDict, total=False):
+    """The answer, published on the request's reply_to or RABBITMQ_QUEUE_OUTPUT.
 
-    conversation_id: int | str
-    message: str
-    user_id: int | str = 0
-    timestamp: datetime
-    model_used: str
-    error: str | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    latency_ms: int | None = None
+    Built as a plain dict (no model): every reply is our own, made from typed values.
+    """
+
+    conversation_id: Required[int | str]
+    message: Required[str]
+    user_id: Required[int | str]
+    timestamp: Required[str]  # format_timestamp
+    model_used: Required[str]
+    error: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: int
 
 
 def format_timestamp(moment: datetime) -> str:
     """UTC, second precision, trailing Z: the seed's ``2025-12-16T10:30:05Z``."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    utc = moment.astimezone(UTC)
+    return (
+        f"{utc.year:04d}-{utc.month:02d}-{utc.day:02d}"
+        f"T{utc.hour:02d}:{utc.minute:02d}:{utc.second:02d}Z"
+    )
 
 
 def _depth(value: Any, limit: int) -> int:
@@ -176,20 +183,22 @@ class ChatCodec:
 
     def encode(self, conversation_id: int | str, result: Result) -> bytes:
         """BotResponseCreated, optional fields left out when unknown."""
-        reply = BotResponseCreated(
-            conversation_id=conversation_id,
-            message=result.text,
-            user_id=self.bot_user_id,
-            timestamp=datetime.now(UTC),
-            model_used=result.model_used,
-            error=result.error,
-            prompt_tokens=result.prompt_tokens,
-            completion_tokens=result.completion_tokens,
-            latency_ms=result.latency_ms,
-        )
-        data = reply.model_dump(exclude_none=True)
-        data["timestamp"] = format_timestamp(reply.timestamp)
-        return orjson.dumps(rename(data, self.naming))
+        reply: BotResponseCreated = {
+            "conversation_id": conversation_id,
+            "message": result.text,
+            "user_id": self.bot_user_id,
+            "timestamp": format_timestamp(datetime.now(UTC)),
+            "model_used": result.model_used,
+        }
+        if result.error is not None:
+            reply["error"] = result.error
+        if result.prompt_tokens is not None:
+            reply["prompt_tokens"] = result.prompt_tokens
+        if result.completion_tokens is not None:
+            reply["completion_tokens"] = result.completion_tokens
+        if result.latency_ms is not None:
+            reply["latency_ms"] = result.latency_ms
+        return orjson.dumps(rename(dict(reply), self.naming))
 
     def encode_chunk(self, conversation_id: int | str, index: int, delta: str) -> bytes:
         """A BotResponseChunk: part of a streamed answer, sent only to the request's reply_to."""

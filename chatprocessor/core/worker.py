@@ -94,7 +94,7 @@ class Worker:
     # -- start-up ----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Startup health checks: broker (retrying until it answers), queues, provider."""
+        """Startup health checks: broker (retrying until it answers), queues, store, provider."""
         await self.transport.connect()
         await self.transport.declare_input(self.config.input_queue)
         await self.transport.declare(self.config.output_queue)
@@ -103,6 +103,9 @@ class Worker:
             self.config.input_queue,
             self.config.output_queue,
         )
+        # Opens the store now, not under the first job.
+        if not await self.store.ping():
+            log.warning("idempotency store unavailable; jobs will be answered without it")
         await self.check_provider()
 
     async def check_provider(self) -> bool:
@@ -218,7 +221,7 @@ class Worker:
         finally:
             metrics.IN_FLIGHT.dec()
             metrics.PROCESSING_SECONDS.observe(time.perf_counter() - started)
-        metrics.MESSAGES.labels(outcome).inc()
+        metrics.labelled(metrics.MESSAGES, outcome).inc()
 
     @staticmethod
     async def _release(delivery: Delivery) -> None:
@@ -444,11 +447,11 @@ class Worker:
                 f"no complete answer within JOB_TIMEOUT ({self.config.job_timeout:g}s)"
             ) from exc
         finally:
-            metrics.LLM_SECONDS.labels(provider).observe(time.perf_counter() - started)
+            metrics.labelled(metrics.LLM_SECONDS, provider).observe(time.perf_counter() - started)
         if prompt_tokens:
-            metrics.TOKENS.labels("prompt").inc(prompt_tokens)
+            metrics.labelled(metrics.TOKENS, "prompt").inc(prompt_tokens)
         if completion_tokens:
-            metrics.TOKENS.labels("completion").inc(completion_tokens)
+            metrics.labelled(metrics.TOKENS, "completion").inc(completion_tokens)
         return Result(
             text="".join(parts).strip(),
             model_used=model,

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.metrics import MetricWrapperBase
 
 # The _created series doubles every scrape for no use in dashboards.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -50,3 +54,9 @@ PROVIDER_FAILURES = Counter(
 BREAKER_STATE = Gauge(
     "chatprocessor_breaker_state", "Circuit breaker state per provider", ["provider"]
 )
+
+
+@functools.cache
+def labelled(metric: MetricWrapperBase, *values: str) -> Any:
+    """``metric.labels(*values)``, looked up once: label sets are few, jobs are many."""
+    return metric.labels(*values)

@@ -1,21 +1,28 @@
-"""Ollama through the official ``ollama`` client (``POST /api/chat``, ``GET /api/tags``).
+"""Ollama: ``POST /api/chat`` on aiohttp, ``GET /api/tags`` through the official client.
 
-Connecting fails fast (OLLAMA_CONNECT_TIMEOUT); reading waits OLLAMA_TIMEOUT.
-An ``{"error": ...}`` line in the middle of a stream is a failure, never a
-short answer. A 429 becomes RateLimited with the seconds of its Retry-After
-header: the client's ResponseError carries no headers, so an httpx response
-hook records them in a context variable that ``translate`` reads (the hook
-runs in the task that awaits the request, the one that catches the error).
+The chat call, made for every job, talks HTTP with aiohttp directly: under the
+official ``ollama`` client, httpx's request building, cookie jar and pydantic
+models cost more CPU per call than the rest of a job together (measured in
+bench/overhead.py, where this choice is what lets chatprocessor keep up with a
+bare aio-pika loop). The official client still serves the model listing (and the
+tests run it against the fake server, which proves the fake speaks the protocol).
+
+Connecting fails fast (OLLAMA_CONNECT_TIMEOUT); reading waits OLLAMA_TIMEOUT
+between bytes. An ``{"error": ...}`` line in the middle of a stream is a
+failure, never a short answer; a 429 becomes RateLimited with the seconds of
+its Retry-After header.
 """
 
 from __future__ import annotations
 
-import contextvars
+import asyncio
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+import aiohttp
 import httpx
 import ollama
+import orjson
 
 from chatprocessor.core.errors import (
     BadRequest,
@@ -27,43 +34,45 @@ from chatprocessor.core.errors import (
 )
 from chatprocessor.providers.base import ChatRequest, Chunk, parse_retry_after
 
-#: Retry-After (seconds) of the last response this task received; None unless it was a 429.
-_retry_after: contextvars.ContextVar[float | None] = contextvars.ContextVar(
-    "ollama_retry_after", default=None
-)
+#: Health probes (/ready, start-up, check) must not wait OLLAMA_TIMEOUT on a hung server.
+PROBE_TIMEOUT = 5.0
+#: Connections kept open to Ollama (aiohttp's default; more requests wait for one).
+CONNECTIONS = 100
 
 
-async def _record_retry_after(response: httpx.Response) -> None:
-    """httpx response hook: remember a 429's Retry-After for ``translate``."""
-    value = None
-    if response.status_code == 429:
-        value = parse_retry_after(response.headers.get("retry-after"))
-    _retry_after.set(value)
+def http_error(status: int, message: str, model: str, retry_after: float | None) -> ProviderError:
+    """An error status of the Ollama API in the project's tree."""
+    if status == 404:
+        return ModelNotFound(f"ollama: model {model!r} not found ({message})")
+    if status == 429:
+        return RateLimited(f"ollama: rate limited ({message})", retry_after)
+    if 400 <= status < 500:
+        return BadRequest(f"ollama: request refused, HTTP {status}: {message}")
+    return ProviderUnavailable(f"ollama: HTTP {status}: {message}")
 
 
 def translate(exc: BaseException, model: str) -> ProviderError:
-    """Map the client's and httpx's errors into the project's tree."""
+    """Map aiohttp's and the official client's errors into the project's tree."""
+    if isinstance(exc, ProviderError):
+        return exc
     if isinstance(exc, ollama.ResponseError):
-        status = exc.status_code
-        if status == 404:
-            return ModelNotFound(f"ollama: model {model!r} not found ({exc.error})")
-        if status == 429:
-            return RateLimited(f"ollama: rate limited ({exc.error})", _retry_after.get())
-        if 400 <= status < 500:
-            return BadRequest(f"ollama: request refused, HTTP {status}: {exc.error}")
-        if status == -1:
-            return ProviderUnavailable(f"ollama: error during generation: {exc.error}")
-        return ProviderUnavailable(f"ollama: HTTP {status}: {exc.error}")
-    if isinstance(exc, httpx.TimeoutException):
+        return http_error(exc.status_code, exc.error, model, None)
+    if isinstance(exc, asyncio.TimeoutError | httpx.TimeoutException):  # aiohttp's derive
         return ProviderTimeout(f"ollama: no answer in time ({type(exc).__name__})")
+    if isinstance(exc, ValueError):  # a proxy's HTML page, a truncated line
+        return ProviderUnavailable(f"ollama: the answer is not Ollama's JSON ({exc})")
     return ProviderUnavailable(f"ollama: cannot reach the server ({type(exc).__name__}: {exc})")
 
 
-# ValueError covers a body that is not Ollama's JSON (a proxy's HTML error page, a
-# truncated line): json.JSONDecodeError and pydantic's ValidationError derive from it.
-_CLIENT_ERRORS = (ollama.ResponseError, httpx.HTTPError, ConnectionError, ValueError)
-#: Health probes (/ready, start-up, check) must not wait OLLAMA_TIMEOUT on a hung server.
-PROBE_TIMEOUT = 5.0
+# ValueError covers a body that is not Ollama's JSON (orjson's and pydantic's errors derive).
+_CLIENT_ERRORS = (
+    aiohttp.ClientError,
+    asyncio.TimeoutError,
+    ollama.ResponseError,
+    httpx.HTTPError,
+    OSError,
+    ValueError,
+)
 
 
 class OllamaProvider:
@@ -77,55 +86,81 @@ class OllamaProvider:
         timeout: float = 300.0,
         connect_timeout: float = 5.0,
     ) -> None:
-        self.base_url = base_url
+        self.base_url = base_url.rstrip("/")
         self.default_model = model
-        self._client = ollama.AsyncClient(
-            host=base_url,
-            timeout=httpx.Timeout(timeout, connect=connect_timeout),
-            event_hooks={"response": [_record_retry_after]},
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, connect=None, sock_connect=connect_timeout, sock_read=timeout
         )
+        self._session: aiohttp.ClientSession | None = None  # made in the running loop
         self._probe = ollama.AsyncClient(
             host=base_url, timeout=httpx.Timeout(PROBE_TIMEOUT, connect=connect_timeout)
         )
 
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=CONNECTIONS),
+                timeout=self._timeout,
+                # One server, no sessions: no cookie jar to update on every answer. Proxy
+                # variables are ignored (aiohttp's trust_env=False): Ollama is local.
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+        return self._session
+
     @staticmethod
-    def _options(request: ChatRequest) -> dict[str, Any]:
+    def _body(request: ChatRequest, model: str, stream: bool) -> bytes:
+        body: dict[str, Any] = {
+            "model": model,
+            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+            "stream": stream,
+        }
         options: dict[str, Any] = {}
         if request.temperature is not None:
             options["temperature"] = request.temperature
         if request.max_tokens is not None:
             options["num_predict"] = request.max_tokens
-        return options
+        if options:
+            body["options"] = options
+        return orjson.dumps(body)
 
     @staticmethod
-    def _chunk(part: Mapping[str, Any] | ollama.ChatResponse, model: str) -> Chunk:
-        done = bool(part["done"])
+    def _chunk(part: Mapping[str, Any], model: str) -> Chunk:
+        if "error" in part:
+            raise ProviderUnavailable(f"ollama: error during generation: {part['error']}")
+        done = bool(part.get("done"))
+        message = part.get("message") or {}
         return Chunk(
-            delta=(part["message"]["content"] if part["message"] else "") or "",
+            delta=message.get("content") or "",
             done=done,
-            model=part["model"] or model,
-            prompt_tokens=part["prompt_eval_count"] if done else None,
-            completion_tokens=part["eval_count"] if done else None,
+            model=part.get("model") or model,
+            prompt_tokens=part.get("prompt_eval_count") if done else None,
+            completion_tokens=part.get("eval_count") if done else None,
         )
 
     async def chat(self, request: ChatRequest, *, stream: bool = False) -> AsyncIterator[Chunk]:
         model = request.model or self.default_model
-        messages = [{"role": m.role, "content": m.content} for m in request.messages]
-        options = self._options(request)
-        _retry_after.set(None)
+        body = self._body(request, model, stream)
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
         try:
-            if not stream:
-                response = await self._client.chat(model=model, messages=messages, options=options)
-                yield self._chunk(response, model)
-                return
-            parts = await self._client.chat(
-                model=model, messages=messages, options=options, stream=True
-            )
-            finished = False
-            async for part in parts:
-                chunk = self._chunk(part, model)
-                finished = chunk.done
-                yield chunk
+            async with self._http().post(
+                f"{self.base_url}/api/chat", data=body, headers=headers
+            ) as response:
+                if response.status >= 400:
+                    raise http_error(
+                        response.status,
+                        _error_text(await response.read(), response.reason),
+                        model,
+                        parse_retry_after(response.headers.get("Retry-After")),
+                    )
+                if not stream:
+                    yield self._chunk(orjson.loads(await response.read()), model)
+                    return
+                finished = False
+                async for line in response.content:  # NDJSON: one object per line
+                    if line.strip():
+                        chunk = self._chunk(orjson.loads(line), model)
+                        finished = chunk.done
+                        yield chunk
         except _CLIENT_ERRORS as exc:
             raise translate(exc, model) from exc
         if not finished:
@@ -146,5 +181,17 @@ class OllamaProvider:
         return True
 
     async def close(self) -> None:
-        await self._client.close()  # type: ignore[no-untyped-call]
+        if self._session is not None:
+            await self._session.close()
         await self._probe.close()  # type: ignore[no-untyped-call]
+
+
+def _error_text(body: bytes, reason: str | None) -> str:
+    """Ollama's ``{"error": ...}`` message, else the body's text, else the reason phrase."""
+    try:
+        error = orjson.loads(body).get("error")
+    except (orjson.JSONDecodeError, AttributeError):
+        error = None
+    if error:
+        return str(error)
+    return body.decode(errors="replace").strip()[:500] or reason or "no message"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 
 from chatprocessor.core.errors import StoreUnavailable
 from chatprocessor.settings import Settings
-from chatprocessor.stores import build_reply_store
+from chatprocessor.stores import build_reply_store, replies
 from chatprocessor.stores.replies import (
     NoReplyStore,
     RedisReplyStore,
@@ -123,3 +124,51 @@ async def test_the_first_reply_stored_wins(open_store: Callable[..., Any]) -> No
     await asyncio.sleep(0.5)  # once expired, a new reply takes the place
     assert await store.put(k, other) == other
     assert await store.get(k) == other
+
+
+async def test_a_write_lock_held_by_another_process_waits_off_the_loop(tmp_path: Path) -> None:
+    """Reads and writes run on the loop, but never wait there for another worker's lock."""
+    path = tmp_path / "replies.sqlite3"
+    store = SQLiteReplyStore(path, 60)
+    try:
+        await store.put(key(), REPLY)  # creates the file
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another worker is writing
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticking = asyncio.create_task(ticker())
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.3, other.execute, "COMMIT")
+        k = key()
+        assert await store.put(k, REPLY) == REPLY  # waited for the lock on the thread
+        ticking.cancel()
+        assert ticks >= 10, "the event loop was blocked while the store waited for a lock"
+        assert await store.get(k) == REPLY
+        other.close()
+    finally:
+        await store.close()
+
+
+async def test_upkeep_drops_expired_replies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(replies, "UPKEEP_EVERY", 5)
+    path = tmp_path / "replies.sqlite3"
+    store = SQLiteReplyStore(path, 0.05)
+    try:
+        for _ in range(4):
+            await store.put(key(), REPLY)
+        await asyncio.sleep(0.1)  # those four expire
+        await store.put(key(), REPLY)  # the fifth write starts the upkeep
+        assert store._upkeep is not None
+        await store._upkeep
+        with sqlite3.connect(path) as db:
+            assert db.execute("SELECT count(*) FROM replies").fetchone() == (1,)
+    finally:
+        await store.close()
