@@ -20,6 +20,7 @@ from chatprocessor.core.job import Job, Result
 
 #: Namespace for reply ids, so a reply's message_id is a pure function of its request.
 REPLY_NAMESPACE = uuid.UUID("5b0c6f8e-4f6c-4b52-9a57-3f0a1f6c2d11")
+_NAMESPACE_BYTES = REPLY_NAMESPACE.bytes
 MAX_JSON_DEPTH = 32
 
 
@@ -108,7 +109,13 @@ def reply_message_id(job_id: str, *, error: bool = False) -> str:
     """Derived from the request, so a consumer can drop a duplicate reply. An error reply
     has an id of its own: the answer to the same job replayed later must not look like
     a duplicate of it."""
-    return str(uuid.uuid5(REPLY_NAMESPACE, f"{job_id}#error" if error else job_id))
+    name = f"{job_id}#error" if error else job_id
+    # uuid.uuid5, without its UUID object: this runs for every reply.
+    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + name.encode()).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 class ChatCodec:

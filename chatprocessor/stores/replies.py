@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import orjson
 
@@ -26,11 +27,14 @@ from chatprocessor.core.errors import StoreUnavailable
 KEY_PREFIX = "chatprocessor:reply:"
 #: How long a write that finds the database locked by another process may wait (seconds).
 BUSY_TIMEOUT = 30.0
-#: Expired rows are dropped, and the WAL checkpointed, after this many writes.
+#: The WAL is checkpointed after this many writes...
 UPKEEP_EVERY = 1000
+#: ...and expired rows dropped then, if this many seconds have passed since the last time.
+SWEEP_EVERY = 60.0
 
 T = TypeVar("T")
 R = TypeVar("R")
+Item = TypeVar("Item")
 
 
 @dataclass(slots=True)
@@ -92,40 +96,32 @@ class SQLiteReplyStore:
         self._db: sqlite3.Connection | None = None  # the loop's: fails at once when locked
         self._waiting_db: sqlite3.Connection | None = None  # the thread's: waits for locks
         self._opening = asyncio.Lock()
-        self._writes = 0
+        self._reads: _TurnBatch[str] = _TurnBatch(self._read_all)
+        self._writes: _TurnBatch[tuple[str, bytes]] = _TurnBatch(self._write_all)
+        self._written = 0
+        self._swept_at = -math.inf
         self._upkeep: asyncio.Future[None] | None = None
-        self._puts: list[tuple[str, bytes, asyncio.Future[bytes | None]]] = []
-        self._writers: set[asyncio.Task[None]] = set()
 
     async def get(self, key: str) -> StoredReply | None:
-        return _decode(await self._run(_fetch, key, time.time()))
+        return _decode(await self._reads.submit(key))
 
     async def put(self, key: str, reply: StoredReply) -> StoredReply:
-        future: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
-        self._puts.append((key, _encode(reply), future))
-        if len(self._puts) == 1:  # the first of this turn: its task writes them all
-            task = asyncio.create_task(self._write_batch())
-            self._writers.add(task)
-            task.add_done_callback(self._writers.discard)
-        return _decode(await future) or reply
+        return _decode(await self._writes.submit((key, _encode(reply)))) or reply
 
-    async def _write_batch(self) -> None:
-        batch, self._puts = self._puts, []
-        items = [(key, blob) for key, blob, _ in batch]
-        try:
-            kept = await self._run(_store_all, items, time.time(), self.ttl)
-        except StoreUnavailable as exc:
-            for _, _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        for (_, _, future), reply in zip(batch, kept, strict=True):
-            if not future.done():
-                future.set_result(reply)
-        self._writes += len(batch)
-        if self._writes >= UPKEEP_EVERY and (self._upkeep is None or self._upkeep.done()):
-            self._writes = 0
-            self._upkeep = asyncio.ensure_future(self._in_thread(self._tidy))
+    async def _read_all(self, keys: list[str]) -> list[bytes | None]:
+        return await self._run(_fetch_all, keys, time.time())
+
+    async def _write_all(self, items: list[tuple[str, bytes]]) -> list[bytes | None]:
+        kept = await self._run(_store_all, items, time.time(), self.ttl)
+        self._written += len(items)
+        if self._written >= UPKEEP_EVERY and (self._upkeep is None or self._upkeep.done()):
+            self._written = 0
+            now = time.monotonic()
+            sweep = now - self._swept_at >= SWEEP_EVERY
+            if sweep:
+                self._swept_at = now
+            self._upkeep = asyncio.ensure_future(self._in_thread(lambda: self._tidy(sweep)))
+        return kept
 
     async def _run(self, statement: Callable[..., R], *args: Any) -> R:
         """``statement(db, *args)`` on the loop; on the thread if another process holds a lock."""
@@ -166,9 +162,10 @@ class SQLiteReplyStore:
             self._waiting_db = db
         return self._waiting_db
 
-    def _tidy(self) -> None:
+    def _tidy(self, sweep: bool) -> None:
         db = self._open_waiting()
-        db.execute("DELETE FROM replies WHERE expires_at <= ?", (time.time(),))
+        if sweep:  # a full scan of the table: not more often than SWEEP_EVERY
+            db.execute("DELETE FROM replies WHERE expires_at <= ?", (time.time(),))
         db.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     async def ping(self) -> bool:
@@ -179,7 +176,8 @@ class SQLiteReplyStore:
         return True
 
     async def close(self) -> None:
-        await asyncio.gather(*self._writers, return_exceptions=True)
+        await self._reads.close()
+        await self._writes.close()
         if self._upkeep is not None:
             await asyncio.gather(self._upkeep, return_exceptions=True)
         if self._db is not None:
@@ -202,6 +200,22 @@ def _connect(path: Path, *, timeout: float) -> sqlite3.Connection:
 
 def _probe(db: sqlite3.Connection) -> None:
     db.execute("SELECT 1").fetchall()
+
+
+def _fetch_all(db: sqlite3.Connection, keys: list[str], now: float) -> list[bytes | None]:
+    """The live reply of each key, in one read transaction."""
+    if len(keys) == 1:
+        return [_fetch(db, keys[0], now)]
+    found: dict[str, bytes] = {}
+    for start in range(0, len(keys), 500):  # SQLite's limit on bound parameters
+        chunk = keys[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        rows = db.execute(
+            f"SELECT key, reply FROM replies WHERE key IN ({marks}) AND expires_at > ?",
+            [*chunk, now],
+        )
+        found.update((key, bytes(reply)) for key, reply in rows)
+    return [found.get(key) for key in keys]
 
 
 def _fetch(db: sqlite3.Connection, key: str, now: float) -> bytes | None:
@@ -228,14 +242,50 @@ def _store_all(
 
 def _store(db: sqlite3.Connection, key: str, blob: bytes, now: float, ttl: float) -> bytes | None:
     """Insert unless a live reply is there; return that live reply, None if ours was stored."""
-    # fetchall, not fetchone: the statement must run to its end to commit.
-    stored = db.execute(
+    written = db.execute(
         "INSERT INTO replies (key, reply, expires_at) VALUES (?, ?, ?)"
         " ON CONFLICT (key) DO UPDATE SET reply = excluded.reply,"
-        " expires_at = excluded.expires_at WHERE replies.expires_at <= ? RETURNING 1",
+        " expires_at = excluded.expires_at WHERE replies.expires_at <= ?",
         (key, blob, now + ttl, now),
-    ).fetchall()
-    return None if stored else _fetch(db, key, now)
+    ).rowcount
+    return None if written else _fetch(db, key, now)
+
+
+class _TurnBatch(Generic[Item]):
+    """Requests made during one turn of the event loop, served together by one call.
+
+    The first request of a turn starts a task; the others made before it runs join it.
+    """
+
+    def __init__(self, serve: Callable[[list[Item]], Awaitable[list[bytes | None]]]) -> None:
+        self._serve = serve
+        self._waiting: list[tuple[Item, asyncio.Future[bytes | None]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def submit(self, item: Item) -> bytes | None:
+        future: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, future))
+        if len(self._waiting) == 1:
+            task = asyncio.create_task(self._flush())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await future
+
+    async def _flush(self) -> None:
+        batch, self._waiting = self._waiting, []
+        try:
+            results = await self._serve([item for item, _ in batch])
+        except StoreUnavailable as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+
+    async def close(self) -> None:
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 class RedisReplyStore:

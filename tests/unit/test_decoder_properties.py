@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import string
+import uuid
 from collections.abc import Iterator
 from typing import Any
 from unittest import mock
@@ -24,7 +25,12 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from chatprocessor.contracts.chat import MAX_JSON_DEPTH, ChatCodec
+from chatprocessor.contracts.chat import (
+    MAX_JSON_DEPTH,
+    REPLY_NAMESPACE,
+    ChatCodec,
+    reply_message_id,
+)
 from chatprocessor.contracts.naming import Naming, to_camel, to_pascal
 from chatprocessor.core.errors import MalformedMessage, MessageRejected, MessageTooLarge
 from chatprocessor.core.job import Job, Result
@@ -716,3 +722,10 @@ def test_secret_in_the_conversation_tag_is_masked(fmt: str, conversation_id: int
     assert [kind for kind, _ in delivery.settlements] == ["dead_letter"]
     assert "rejected message" in output.getvalue()
     assert secret not in output.getvalue()
+
+
+@given(job_id=st.text(max_size=80), error=st.booleans())
+def test_reply_message_id_is_the_uuid5_of_the_request(job_id: str, error: bool) -> None:
+    """The hand-rolled UUIDv5 (no UUID object per reply) is exactly uuid.uuid5's."""
+    name = f"{job_id}#error" if error else job_id
+    assert reply_message_id(job_id, error=error) == str(uuid.uuid5(REPLY_NAMESPACE, name))
