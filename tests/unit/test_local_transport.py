@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from chatprocessor.core.errors import PublishFailed
+from chatprocessor.transports import doorbell, local
 from chatprocessor.transports.base import Delivery, Outgoing
 from chatprocessor.transports.local import LocalTransport
 
@@ -609,3 +610,63 @@ async def test_a_failing_write_is_rolled_back_whole(tmp_path: Path) -> None:
         assert await transport.depth("q") == 0
     finally:
         await transport.close()
+
+
+# -- wake-ups (doorbell.py) ---------------------------------------------------------------------
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="abstract UNIX sockets are Linux's")
+async def test_a_publish_from_another_process_wakes_the_consumer_at_once(
+    open_transport: Factory, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the fallback look pushed to 60 s, only the publisher's ring can deliver in time."""
+    monkeypatch.setattr(local, "_BELL_POLL", 60.0)
+    transport = await open_transport()
+    await transport.ping()
+    consumer = asyncio.create_task(take(transport, n=3, timeout=20))
+    await asyncio.sleep(0.3)  # idle: registered and waiting for its bell
+    with sqlite3.connect(db_path) as db:
+        assert db.execute("SELECT count(*) FROM listeners WHERE queue = ?", (QUEUE,)).fetchone()[0]
+    code, _, err = await _run_python(PUBLISHER, str(db_path), QUEUE, "3")
+    assert code == 0, err
+    assert [d.message_id for d in await consumer] == ["p-0", "p-1", "p-2"]
+
+
+async def test_a_listener_whose_process_died_is_forgotten(
+    open_transport: Factory, db_path: Path
+) -> None:
+    transport = await open_transport()
+    dead = f"{doorbell.ADDRESS_PREFIX}{'0' * 32}"  # registered, nobody listens
+    with sqlite3.connect(db_path) as db:
+        db.execute("INSERT INTO listeners (address, queue) VALUES (?, ?)", (dead, QUEUE))
+    await transport.publish(QUEUE, Outgoing(b"1"))  # rings it, finds it gone
+    await transport.publish(QUEUE, Outgoing(b"2"))  # forgets it
+    with sqlite3.connect(db_path) as db:
+        assert db.execute("SELECT address FROM listeners").fetchall() == []
+    assert [d.body for d in await take(transport, n=2)] == [b"1", b"2"]
+
+
+async def test_without_a_bell_consumers_poll(
+    open_transport: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where abstract sockets do not exist, polling alone delivers."""
+    monkeypatch.setattr(local.Bell, "open", classmethod(lambda cls: None))
+    consumer_side, publisher_side = await open_transport(), await open_transport()
+    consumer = asyncio.create_task(take(consumer_side, n=2))
+    await asyncio.sleep(0.1)
+    await publisher_side.publish(QUEUE, Outgoing(b"a"))
+    await publisher_side.publish(QUEUE, Outgoing(b"b"))
+    assert [d.body for d in await consumer] == [b"a", b"b"]
+
+
+async def test_closing_unregisters_the_bells(open_transport: Factory, db_path: Path) -> None:
+    transport = await open_transport()
+    with contextlib.suppress(TimeoutError):
+        await take(transport, timeout=0.3)  # waits, so it registers
+    with sqlite3.connect(db_path) as db:
+        assert db.execute("SELECT count(*) FROM listeners").fetchone()[0] == (
+            1 if sys.platform == "linux" else 0
+        )
+    await transport.close()
+    with sqlite3.connect(db_path) as db:
+        assert db.execute("SELECT count(*) FROM listeners").fetchone()[0] == 0
