@@ -263,7 +263,8 @@ async def run(options: Options) -> Outcome:
             result.throughput / limit,
             result.throughput / peer,
             result.cpu_ms_per_job,
-            result.cpu_ms_per_job / runs[LIMIT].cpu_ms_per_job,
+            # A smoke run may be over before the process clock ticks (0 ms).
+            result.cpu_ms_per_job / (runs[LIMIT].cpu_ms_per_job or math.nan),
         )
     outcome.tables.append(table)
     mine = runs[CHATPROCESSOR].throughput
