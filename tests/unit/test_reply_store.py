@@ -172,3 +172,20 @@ async def test_upkeep_drops_expired_replies(
             assert db.execute("SELECT count(*) FROM replies").fetchone() == (1,)
     finally:
         await store.close()
+
+
+async def test_under_load_requests_share_one_transaction() -> None:
+    """Group commit: the first request goes at once, those made within the spacing of the
+    last batch go together in the next one."""
+    batches: list[list[str]] = []
+
+    async def serve(items: list[str]) -> list[bytes | None]:
+        batches.append(items)
+        return [item.encode() for item in items]
+
+    group = replies._TurnBatch(serve, spacing=0.05)
+    assert await group.submit("a") == b"a"  # idle: served at once, alone
+    results = await asyncio.gather(*(group.submit(k) for k in ("b", "c", "d")))
+    assert results == [b"b", b"c", b"d"]
+    assert batches == [["a"], ["b", "c", "d"]]
+    await group.close()
