@@ -9,14 +9,16 @@ dead-letter from the class alone::
     ├── MessageRejected              permanent: the input itself is bad
     │   ├── MessageTooLarge          over MAX_MESSAGE_BYTES, checked before parsing
     │   ├── MalformedMessage         not UTF-8 JSON, too deep, or not the contract's schema
+    │   │   └── ImageRejected        an attached image: not strict base64, too big, not an image
     │   └── Forbidden                the sender may not ask for this
     ├── ProviderError
     │   ├── ProviderUnavailable      transient: connection refused, 5xx
     │   │   └── CircuitOpen          transient: skipped while its circuit breaker is open
     │   ├── ProviderTimeout          transient: no answer within the deadline (or JOB_TIMEOUT)
     │   ├── RateLimited              transient: 429, carries retry_after
-    │   └── BadRequest               permanent: the provider refused the request
-    │       └── ModelNotFound        the model is not installed on the provider
+    │   ├── BadRequest               permanent: the provider refused the request
+    │   │   └── ModelNotFound        the model is not installed on the provider
+    │   └── InvalidModelOutput       permanent: no valid JSON in the answer, even after a repair
     ├── TransportError
     │   ├── BrokerUnavailable        transient: cannot reach the broker
     │   └── PublishFailed            the broker refused a publish (nack)
@@ -48,6 +50,10 @@ class MessageTooLarge(MessageRejected):
 
 class MalformedMessage(MessageRejected):
     """The body is not valid JSON or does not match the contract."""
+
+
+class ImageRejected(MalformedMessage):
+    """An attached image is not strict base64, is too big, or is not an allowed image format."""
 
 
 class Forbidden(MessageRejected):
@@ -89,6 +95,14 @@ class BadRequest(ProviderError):
 
 class ModelNotFound(BadRequest):
     """The requested model is not available on the provider."""
+
+
+class InvalidModelOutput(ProviderError):
+    """The model was asked for JSON and its answer holds none that is valid (after one repair
+    attempt). Permanent: asking the same model the same thing again gives the same kind of
+    answer."""
+
+    transient = False
 
 
 class TransportError(ChatProcessorError):

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 class ChatMessage:
     role: str  # "system" | "user" | "assistant"
     content: str
+    #: Base64 images for a vision model (already checked: chatprocessor/vision.py).
+    images: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)

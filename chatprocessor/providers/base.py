@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from chatprocessor.core.job import ChatMessage
 
@@ -23,6 +23,9 @@ class ChatRequest:
     model: str | None = None  # None: the provider's default model
     temperature: float | None = None
     max_tokens: int | None = None
+    #: Structured output: "json", or a JSON schema the answer must follow (Ollama's
+    #: ``format``); None for free text. Providers that cannot enforce it ignore it.
+    format: str | dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
