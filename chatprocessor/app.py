@@ -7,6 +7,7 @@ import contextlib
 import gc
 import logging
 
+from chatprocessor.contracts.base import Codec
 from chatprocessor.contracts.chat import ChatCodec
 from chatprocessor.core.retry import RetryPolicy
 from chatprocessor.core.worker import Worker, WorkerConfig
@@ -19,27 +20,48 @@ from chatprocessor.transports import build_transport
 log = logging.getLogger(__name__)
 
 
-def build_worker(settings: Settings) -> Worker:
-    codec = ChatCodec(
-        max_bytes=settings.max_message_bytes,
-        naming=settings.output_naming,
-        bot_user_id=settings.bot_user_id,
+def build_codec(settings: Settings) -> Codec:
+    """The contract CONTRACT (or TRANSPORT, with auto) names."""
+    if not settings.uses_models_contract:
+        return ChatCodec(
+            max_bytes=settings.max_message_bytes,
+            naming=settings.output_naming,
+            bot_user_id=settings.bot_user_id,
+        )
+    from chatprocessor.contracts.models import ModelsCodec
+    from chatprocessor.sanitize import load_schema
+
+    schema = settings.photo_analysis_schema
+    return ModelsCodec(
+        # A record may carry a photo of MAX_IMAGE_BYTES, as base64, besides the rest.
+        max_bytes=settings.max_message_bytes + (settings.max_image_bytes + 2) // 3 * 4,
+        photo_topic=settings.photo_response_topic,
+        text_topic=settings.text_response_topic,
+        expected_user_email=settings.expected_user_email,
+        max_image_bytes=settings.max_image_bytes,
+        image_max_side=settings.image_max_side,
+        photo_schema=load_schema(schema) if schema else None,
     )
+
+
+def build_worker(settings: Settings) -> Worker:
     retry = RetryPolicy.from_settings(settings)
+    models = settings.uses_models_contract
     config = WorkerConfig(
-        input_queue=settings.rabbitmq_queue_input,
-        output_queue=settings.rabbitmq_queue_output,
+        input_queue=settings.local_model_kafka_topic if models else settings.rabbitmq_queue_input,
+        output_queue=settings.text_response_topic if models else settings.rabbitmq_queue_output,
         prefetch=settings.prefetch_count,
         graceful_timeout=settings.graceful_timeout,
         system_prompt=settings.system_prompt,
         retry=retry,
         job_timeout=settings.job_timeout,
         breaker_patience=max(retry.total_backoff(), 2 * settings.breaker_reset_timeout),
+        pull_missing_models=settings.pull_missing_models,
     )
     return Worker(
         build_transport(settings),
         build_providers(settings),
-        codec,
+        build_codec(settings),
         config,
         store=build_reply_store(settings),
     )
@@ -76,7 +98,7 @@ async def run_service(settings: Settings, stop: asyncio.Event) -> None:
         # What start-up built (modules, settings, clients) lives until exit: moving it out
         # of the collector's generations keeps full collections from walking it again.
         gc.freeze()
-        log.info("ready: waiting for prompts on %r", settings.rabbitmq_queue_input)
+        log.info("ready: waiting for prompts on %r", worker.config.input_queue)
         await worker.run(stop)
     finally:
         await worker.transport.close()

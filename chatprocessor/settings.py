@@ -57,7 +57,10 @@ class Settings(BaseSettings):
     prefetch_count: int = Field(1, ge=1, le=1000)
 
     # Where jobs come from and who answers them.
-    transport: Literal["local", "rabbitmq"] = "local"
+    transport: Literal["local", "rabbitmq", "kafka"] = "local"
+    #: chat: seed 000's UserPromptReceived; models: seed 001's photo/text requests;
+    #: auto: models with TRANSPORT=kafka, chat otherwise.
+    contract: Literal["auto", "chat", "models"] = "auto"
     providers: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["embedded"])
 
     # RabbitMQ, beyond the seed.
@@ -66,6 +69,22 @@ class Settings(BaseSettings):
 
     # Ollama, beyond the seed: connecting fails fast, reading waits OLLAMA_TIMEOUT.
     ollama_connect_timeout: float = Field(5.0, gt=0)
+    #: Pull the configured model through /api/pull at start-up when /api/tags lacks it.
+    pull_missing_models: bool = False
+
+    # Kafka and the Models Processor contract (seed 001, names and defaults kept).
+    bootstrap_server: str = "localhost:9092"
+    consumer_group: str = Field("models-processor-group", min_length=1)
+    local_model_kafka_topic: str = Field("eater-send-photo", min_length=1)
+    photo_response_topic: str = Field("photo-analysis-response", min_length=1)
+    text_response_topic: str = Field("gemini-response", min_length=1)
+    expected_user_email: str = ""
+    #: Largest photo accepted, decoded (its base64 is checked before decoding).
+    max_image_bytes: int = Field(10_485_760, ge=1024)
+    #: Photos with a longer side are downscaled before they are sent; 0 keeps them as they are.
+    image_max_side: int = Field(0, ge=0)
+    #: A schema of chatprocessor/contracts/schemas the photo analysis must follow; "" = any JSON.
+    photo_analysis_schema: str = "food_analysis"
 
     # An OpenAI-compatible server (api.openai.com, vLLM, llama_cpp.server, Ollama's /v1).
     openai_base_url: str = "https://api.openai.com/v1"
@@ -107,6 +126,19 @@ class Settings(BaseSettings):
     ops_port: int = Field(8001, ge=0, le=65535)
     log_file: str = "chatprocessor.log"
     log_format: Literal["text", "json"] = "text"
+
+    @field_validator("photo_analysis_schema")
+    @classmethod
+    def _known_schema(cls, value: str) -> str:
+        if value:
+            from chatprocessor.sanitize import load_schema
+
+            load_schema(value)  # ValueError naming the shipped schemas
+        return value
+
+    @property
+    def uses_models_contract(self) -> bool:
+        return self.contract == "models" or (self.contract == "auto" and self.transport == "kafka")
 
     @field_validator("providers", mode="before")
     @classmethod

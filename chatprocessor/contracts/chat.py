@@ -188,6 +188,32 @@ class ChatCodec:
                 return value
         return None
 
+    #: Decoding is a few microseconds: no thread needed.
+    decode_in_thread = False
+
+    def error_job(
+        self,
+        body: bytes,
+        *,
+        message_id: str | None = None,
+        reply_to: str | None = None,
+        correlation_id: str | None = None,
+    ) -> Job | None:
+        """Where an error reply to a message that failed to decode goes, if it can be told."""
+        conversation_id = self.peek_conversation_id(body)
+        if conversation_id is None:
+            return None
+        return Job(
+            id=request_id(body, message_id),
+            conversation_id=conversation_id,
+            prompt="",
+            reply_to=reply_to,
+            correlation_id=correlation_id,
+        )
+
+    def reply(self, job: Job, result: Result) -> bytes:
+        return self.encode(job.conversation_id, result)
+
     def encode(self, conversation_id: int | str, result: Result) -> bytes:
         """BotResponseCreated, optional fields left out when unknown."""
         reply: BotResponseCreated = {

@@ -6,6 +6,7 @@ dead-letter from the class alone::
 
     ChatProcessorError
     ├── ConfigError                  bad setting: startup stops, exit status 2
+    ├── NotForUs                     not an error: a filtered message, acked and counted unread
     ├── MessageRejected              permanent: the input itself is bad
     │   ├── MessageTooLarge          over MAX_MESSAGE_BYTES, checked before parsing
     │   ├── MalformedMessage         not UTF-8 JSON, too deep, or not the contract's schema
@@ -38,6 +39,11 @@ class ChatProcessorError(Exception):
 
 class ConfigError(ChatProcessorError):
     """A setting is missing or invalid."""
+
+
+class NotForUs(ChatProcessorError):
+    """The message is for another consumer (e.g. EXPECTED_USER_EMAIL does not match): it is
+    acknowledged and counted, never processed or dead-lettered."""
 
 
 class MessageRejected(ChatProcessorError):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(slots=True)
@@ -28,12 +29,18 @@ class Job:
     stream: bool = False
     reply_to: str | None = None
     correlation_id: str | None = None
+    #: Checked base64 images sent with the prompt (a vision request).
+    images: tuple[str, ...] = ()
+    #: The answer must be JSON: "json", or a JSON schema it must follow (then sanitized).
+    format: str | dict[str, Any] | None = None
+    #: What a door needs to shape its reply (e.g. seed 001's user_email and request kind).
+    meta: dict[str, Any] = field(default_factory=dict)
 
     def messages(self, default_system_prompt: str = "") -> list[ChatMessage]:
         """The conversation sent to the model: optional system prompt, then the user's turn."""
         system = self.system_prompt if self.system_prompt is not None else default_system_prompt
         out = [ChatMessage("system", system)] if system else []
-        out.append(ChatMessage("user", self.prompt))
+        out.append(ChatMessage("user", self.prompt, self.images))
         return out
 
 

@@ -16,26 +16,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
 
-from chatprocessor.contracts.chat import ChatCodec, body_digest, reply_message_id, request_id
+import orjson
+
+from chatprocessor.contracts.base import Codec
+from chatprocessor.contracts.chat import body_digest, reply_message_id
 from chatprocessor.core.errors import (
     BrokerUnavailable,
     CircuitOpen,
     MessageRejected,
+    NotForUs,
     ProviderError,
     ProviderTimeout,
     PublishFailed,
     StoreUnavailable,
     Unroutable,
 )
-from chatprocessor.core.job import Job, Result
+from chatprocessor.core.job import ChatMessage, Job, Result
 from chatprocessor.core.retry import MAX_WAIT, RetryPolicy
 from chatprocessor.ops import metrics
 from chatprocessor.ops.logging import conversation_id_var
 from chatprocessor.providers.base import ChatRequest, Provider, same_model
+from chatprocessor.sanitize import repair_prompt, sanitize
 from chatprocessor.stores.replies import NoReplyStore, ReplyStore, StoredReply
 from chatprocessor.transports.base import (
     FAILED,
@@ -68,6 +75,8 @@ class WorkerConfig:
     job_timeout: float = 600.0
     #: How long a job the broker refuses to park (delay or dead-letter queue) is held.
     refused_pause: float = 5.0
+    #: PULL_MISSING_MODELS: pull the default model at start-up when the provider lacks it.
+    pull_missing_models: bool = False
     #: How long a job skipped by open circuit breakers may wait without using attempts,
     #: counted from its first failure (app: the retry budget, at least 2 breaker cool-downs).
     breaker_patience: float = 60.0
@@ -80,7 +89,7 @@ class Worker:
         self,
         transport: Transport,
         provider: Provider,
-        codec: ChatCodec,
+        codec: Codec,
         config: WorkerConfig,
         store: ReplyStore | None = None,
     ) -> None:
@@ -122,19 +131,40 @@ class Worker:
             log.warning("provider %s: cannot list models (%s)", self.provider.name, exc)
             return True
         model = self.provider.default_model
-        if not any(same_model(model, available) for available in models):
-            log.warning(
-                "provider %s does not have model %r (it has: %s)",
-                self.provider.name,
-                model,
-                ", ".join(models) or "none",
-            )
-        else:
+        if any(same_model(model, available) for available in models):
             log.info("provider %s ready with model %r", self.provider.name, model)
+            return True
+        pull = getattr(self.provider, "pull_model", None)
+        if self.config.pull_missing_models and pull is not None:
+            log.info("provider %s does not have model %r: pulling it", self.provider.name, model)
+            try:
+                await pull(model)
+            except ProviderError as exc:
+                log.error("could not pull model %r: %s", model, exc)
+            else:
+                log.info("model %r pulled", model)
+                return True
+        log.warning(
+            "provider %s does not have model %r (it has: %s)%s",
+            self.provider.name,
+            model,
+            ", ".join(models) or "none",
+            "" if pull is None else "; PULL_MISSING_MODELS=true pulls it at start-up",
+        )
         return True
 
     async def readiness(self) -> dict[str, bool]:
-        return {"broker": await self.transport.ping(), "provider": await self.provider.ping()}
+        """/ready: the broker answers, the provider answers and has the configured model."""
+        model = self.provider.default_model
+        try:
+            models = await self.provider.list_models()
+        except ProviderError:
+            models = []
+        return {
+            "broker": await self.transport.ping(),
+            "provider": await self.provider.ping(),
+            "model": any(same_model(model, available) for available in models),
+        }
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -237,13 +267,19 @@ class Worker:
             # (never early: a Retry-After is a floor).
             await delivery.retry(wait, "waiting for the retry time", count=False)
             return "delayed"
+        decode = functools.partial(
+            self.codec.decode,
+            delivery.body,
+            message_id=delivery.message_id,
+            reply_to=delivery.reply_to,
+            correlation_id=delivery.correlation_id,
+        )
         try:
-            job = self.codec.decode(
-                delivery.body,
-                message_id=delivery.message_id,
-                reply_to=delivery.reply_to,
-                correlation_id=delivery.correlation_id,
-            )
+            job = await asyncio.to_thread(decode) if self.codec.decode_in_thread else decode()
+        except NotForUs as exc:
+            log.info("skipped message %s: %s", delivery.message_id, exc)
+            await delivery.ack()
+            return "skipped"
         except MessageRejected as exc:
             return await self._reject(delivery, str(exc))
 
@@ -272,6 +308,8 @@ class Worker:
         log.debug("prompt: %s", job.prompt)
         try:
             result = await self._answer(job, delivery.attempt)
+            if job.format is not None:
+                result = await self._as_json(job, result, delivery.attempt)
         except ProviderError as exc:
             return await self._failed(delivery, job, exc)
         except PublishFailed as exc:  # a streamed chunk could not be published
@@ -353,18 +391,16 @@ class Worker:
 
     async def _reject(self, delivery: Delivery, reason: str, *, kind: str = REJECTED) -> str:
         """Permanent failure: error reply if possible, then dead-letter with the reason."""
-        conversation_id = self.codec.peek_conversation_id(delivery.body)
-        token = conversation_id_var.set(conversation_id)
+        job = self.codec.error_job(
+            delivery.body,
+            message_id=delivery.message_id,
+            reply_to=delivery.reply_to,
+            correlation_id=delivery.correlation_id,
+        )
+        token = conversation_id_var.set(job.conversation_id if job is not None else None)
         try:
             log.warning("rejected message %s: %s", delivery.message_id or "(no id)", reason)
-            if conversation_id is not None:
-                job = Job(
-                    id=request_id(delivery.body, delivery.message_id),
-                    conversation_id=conversation_id,
-                    prompt="",
-                    reply_to=delivery.reply_to,
-                    correlation_id=delivery.correlation_id,
-                )
+            if job is not None:
                 error = Result(text="", model_used=self.provider.default_model, error=reason)
                 await self._send_error_reply(job, error)
             await self._dead_letter(delivery, reason, kind)
@@ -406,13 +442,32 @@ class Worker:
             return _outgoing(kept)
         return message
 
-    async def _answer(self, job: Job, attempt: int = 0) -> Result:
+    async def _as_json(self, job: Job, result: Result, attempt: int) -> Result:
+        """The answer as compact JSON (sanitize.py), the model asked once more if it gave none."""
+        schema = job.format if isinstance(job.format, dict) else None
+
+        async def repair(bad: str, reason: str) -> str:
+            log.warning("the answer is not the JSON asked for (%s); asking once more", reason)
+            conversation = [
+                *job.messages(self.config.system_prompt),
+                ChatMessage("assistant", bad),
+                ChatMessage("user", repair_prompt(bad, reason, schema)),
+            ]
+            return (await self._answer(job, attempt, conversation)).text
+
+        value = await sanitize(result.text, schema=schema, repair=repair)
+        return dataclasses.replace(result, text=orjson.dumps(value).decode())
+
+    async def _answer(
+        self, job: Job, attempt: int = 0, messages: list[ChatMessage] | None = None
+    ) -> Result:
         """One attempt at the LLM, within JOB_TIMEOUT; raises ProviderError on failure."""
         request = ChatRequest(
-            messages=job.messages(self.config.system_prompt),
+            messages=messages or job.messages(self.config.system_prompt),
             model=job.model,
             temperature=job.temperature,
             max_tokens=job.max_tokens,
+            format=job.format,
         )
         streaming = job.stream and job.reply_to is not None
         started = time.perf_counter()
@@ -475,7 +530,7 @@ class Worker:
 
     def _reply(self, job: Job, result: Result) -> Outgoing:
         return Outgoing(
-            self.codec.encode(job.conversation_id, result),
+            self.codec.reply(job, result),
             message_id=reply_message_id(job.id, error=result.error is not None),
             correlation_id=job.correlation_id or job.id,
             type=REPLY_TYPE,

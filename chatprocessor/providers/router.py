@@ -36,7 +36,7 @@ from collections.abc import AsyncIterator
 
 import pybreaker
 
-from chatprocessor.core.errors import CircuitOpen, ProviderError
+from chatprocessor.core.errors import CircuitOpen, ModelNotFound, ProviderError
 from chatprocessor.ops import metrics
 from chatprocessor.providers.base import ChatRequest, Chunk, Provider
 
@@ -177,6 +177,15 @@ class RouterProvider:
             except ProviderError:
                 continue
         return models
+
+    async def pull_model(self, name: str) -> None:
+        """Pull ``name`` on the first provider that can pull models (Ollama)."""
+        for provider in self.providers:
+            pull = getattr(provider, "pull_model", None)
+            if pull is not None:
+                await pull(name)
+                return
+        raise ModelNotFound(f"no provider here can pull model {name!r}")
 
     async def ping(self) -> bool:
         for provider in self.providers:

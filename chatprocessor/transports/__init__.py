@@ -20,6 +20,12 @@ def build_transport(settings: Settings) -> Transport:
             safe_url=settings.rabbitmq_safe_url,
             retry_tiers=RetryPolicy.from_settings(settings).tiers(),
         )
+    if settings.transport == "kafka":
+        from chatprocessor.transports.kafka import AIOKafkaClients, KafkaTransport
+
+        return KafkaTransport(
+            AIOKafkaClients(settings.bootstrap_server), group_id=settings.consumer_group
+        )
     from chatprocessor.transports.local import LocalTransport
 
     return LocalTransport(

@@ -185,7 +185,10 @@ def test_ready_metrics_and_log_file(service: Service) -> None:
 
     ready = service.get("/ready")
     assert ready.status_code == 200
-    assert ready.json() == {"status": "ready", "checks": {"broker": True, "provider": True}}
+    assert ready.json() == {
+        "status": "ready",
+        "checks": {"broker": True, "provider": True, "model": True},
+    }
     assert service.get("/health").json() == {"status": "ok"}
 
     metrics = service.get("/metrics")

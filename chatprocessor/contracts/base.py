@@ -1,0 +1,42 @@
+"""What the worker needs from a contract (a "door"): bytes in to a Job, a Result to bytes out."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from chatprocessor.core.job import Job, Result
+
+
+class Codec(Protocol):
+    #: Decoding may take long (images): the worker runs it on a thread.
+    decode_in_thread: bool
+
+    def decode(
+        self,
+        body: bytes,
+        *,
+        message_id: str | None = None,
+        reply_to: str | None = None,
+        correlation_id: str | None = None,
+    ) -> Job:
+        """The job, or MessageRejected with the reason (NotForUs: filtered, not an error)."""
+        ...
+
+    def error_job(
+        self,
+        body: bytes,
+        *,
+        message_id: str | None = None,
+        reply_to: str | None = None,
+        correlation_id: str | None = None,
+    ) -> Job | None:
+        """For a message that failed to decode: whom an error reply goes to, if anyone."""
+        ...
+
+    def reply(self, job: Job, result: Result) -> bytes:
+        """The reply's body (an error reply when ``result.error`` is set)."""
+        ...
+
+    def encode_chunk(self, conversation_id: int | str, index: int, delta: str) -> bytes:
+        """One streamed piece (only for doors whose requests can ask for streaming)."""
+        ...
