@@ -28,21 +28,26 @@ import heapq
 import itertools
 import logging
 import time
+import uuid
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Iterable
 from typing import Any, Protocol
 
-from chatprocessor.core.errors import BrokerUnavailable, PublishFailed, TransportError
+from chatprocessor.core.errors import BrokerUnavailable, PublishFailed
 from chatprocessor.transports.base import (
     RETRY_AT_HEADER,
+    DeadLetter,
     Delivery,
     Outgoing,
     header_number,
+    replay_headers,
 )
 
 log = logging.getLogger(__name__)
 
 MESSAGE_ID_HEADER = "message_id"
+#: Where the reply goes (a topic), for contracts that let the requester choose (chat).
+REPLY_TO_HEADER = "reply_to"
 #: How long records of revoked partitions may take to finish before the rebalance goes on.
 REVOKE_GRACE = 10.0
 _POLL_MS = 100
@@ -102,8 +107,9 @@ def _kafka_errors() -> tuple[type[BaseException], ...]:
 class KafkaDelivery(Delivery):
     """One record; settling it produces what it must, then marks its offset done."""
 
-    def __init__(self, transport: KafkaTransport, record: Any, queue: str) -> None:
-        self._transport = transport
+    def __init__(self, reader: _Reader, record: Any, queue: str) -> None:
+        self._reader = reader
+        self._transport = reader.transport
         self.record = record
         self.queue = queue
         self.tp = (record.topic, record.partition)
@@ -114,26 +120,26 @@ class KafkaDelivery(Delivery):
         own_id = headers.pop(MESSAGE_ID_HEADER, None)
         self.message_id = own_id or f"{record.topic}-{record.partition}-{record.offset}"
         self.correlation_id = self.key.decode(errors="replace") if self.key else None
-        self.reply_to = None
-        self.type = None
+        self.reply_to = headers.pop(REPLY_TO_HEADER, None)
+        self.type = headers.pop("type", None)
         self.headers = headers
         self.redelivered = False  # Kafka cannot tell; the idempotency store does
         #: Its partition was revoked while it ran: the new owner reads it again.
         self.orphaned = False
 
     async def _ack(self) -> None:
-        await self._transport._settled(self)
+        await self._reader.settled(self)
 
     async def _dead_letter(self, error: str, headers: dict[str, Any]) -> None:
         await self._transport._copy(self, dead_letter_topic(self.queue), headers)
-        await self._transport._settled(self)
+        await self._reader.settled(self)
 
     async def _retry(self, delay: float, headers: dict[str, Any]) -> None:
         await self._transport._copy(self, retry_topic(self.queue), headers)
-        await self._transport._settled(self)
+        await self._reader.settled(self)
 
     async def _release(self) -> None:
-        self._transport._put_back(self)
+        self._reader.put_back(self)
 
 
 class KafkaTransport:
@@ -143,15 +149,6 @@ class KafkaTransport:
         self.clients = clients
         self.group_id = group_id
         self._producer: Any = None
-        self._consumer: Any = None
-        self._wake = asyncio.Event()
-        self._ready: deque[KafkaDelivery] = deque()
-        self._held: list[tuple[float, int, KafkaDelivery]] = []  # retries not due yet
-        self._order = itertools.count()
-        self._busy_keys: dict[bytes, deque[KafkaDelivery]] = {}
-        self._in_flight: set[KafkaDelivery] = set()
-        self._outstanding: dict[tuple[str, int], set[int]] = defaultdict(set)
-        self._next_offset: dict[tuple[str, int], int] = {}
 
     # -- connection ------------------------------------------------------------------------
 
@@ -198,6 +195,8 @@ class KafkaTransport:
             headers[MESSAGE_ID_HEADER] = message.message_id
         if message.type:
             headers["type"] = message.type
+        if message.reply_to:
+            headers[REPLY_TO_HEADER] = message.reply_to
         key = message.correlation_id.encode() if message.correlation_id else None
         await self._produce(destination, message.body, key, headers)
 
@@ -217,42 +216,36 @@ class KafkaTransport:
             raise PublishFailed(f"Kafka refused the record for {topic!r}: {exc}") from exc
 
     async def _copy(self, delivery: KafkaDelivery, topic: str, headers: dict[str, Any]) -> None:
-        """A retry or dead-letter copy: same body and key, same message id."""
+        """A retry or dead-letter copy: same body, key, message id and reply_to."""
         headers = {**headers, MESSAGE_ID_HEADER: delivery.message_id}
+        if delivery.reply_to:
+            headers[REPLY_TO_HEADER] = delivery.reply_to
+        if delivery.type:
+            headers["type"] = delivery.type
         await self._produce(topic, delivery.body, delivery.key, headers)
 
     # -- consuming -------------------------------------------------------------------------
 
     async def consume(self, queue: str, prefetch: int) -> AsyncIterator[Delivery]:
-        from aiokafka import ConsumerRebalanceListener
-
-        transport = self
-
-        class Listener(ConsumerRebalanceListener):  # type: ignore[misc]
-            async def on_partitions_revoked(self, revoked: Iterable[Any]) -> None:
-                await transport._revoked({(tp.topic, tp.partition) for tp in revoked})
-
-            async def on_partitions_assigned(self, assigned: Iterable[Any]) -> None:
-                names = sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned)
-                log.info("assigned partitions: %s", ", ".join(names))
-
+        """Records of ``queue`` and ``<queue>.retry``; see the module docstring."""
+        reader = _Reader(self)
         consumer = self.clients.consumer(group_id=self.group_id)
-        consumer.subscribe([queue, retry_topic(queue)], listener=Listener())
+        consumer.subscribe([queue, retry_topic(queue)], listener=reader.listener())
         try:
             await consumer.start()
         except _kafka_errors() as exc:
             raise BrokerUnavailable(f"consuming {queue!r} failed: {exc}") from exc
-        self._consumer = consumer
+        reader.consumer = consumer
         try:
             while True:
-                self._release_due()
-                while self._ready and len(self._in_flight) < prefetch:
-                    delivery = self._ready.popleft()
-                    self._in_flight.add(delivery)
+                reader.release_due()
+                while reader.ready and len(reader.in_flight) < prefetch:
+                    delivery = reader.ready.popleft()
+                    reader.in_flight.add(delivery)
                     yield delivery
-                room = prefetch - len(self._in_flight) - len(self._ready) - len(self._held)
+                room = prefetch - len(reader.in_flight) - len(reader.ready) - len(reader.held)
                 if room <= 0:
-                    await self._wait(self._next_due())
+                    await reader.wait(reader.next_due())
                     continue
                 try:
                     batch = await consumer.getmany(timeout_ms=_POLL_MS, max_records=room)
@@ -260,70 +253,187 @@ class KafkaTransport:
                     raise BrokerUnavailable(f"consuming {queue!r} failed: {exc}") from exc
                 for records in batch.values():
                     for record in records:
-                        self._admit(KafkaDelivery(self, record, queue))
+                        reader.admit(KafkaDelivery(reader, record, queue))
         finally:
-            self._consumer = None
+            reader.consumer = None
             with contextlib.suppress(*_kafka_errors()):
                 await consumer.stop()
 
-    def _admit(self, delivery: KafkaDelivery) -> None:
+    async def open_reply_queue(self) -> KafkaReplyQueue:
+        return KafkaReplyQueue(self)
+
+    # -- dead letters (chatprocessor dlq) ------------------------------------------------------
+    #
+    # A topic cannot delete records: the group ``<CONSUMER_GROUP>.dlq`` keeps, as its committed
+    # offsets, how far the dead letters were replayed or purged. ``dlq list`` shows those past.
+
+    async def _dead_letters(self, queue: str) -> tuple[Any, list[Any]]:
+        """A reader on ``<queue>.dlq`` (committing for the dlq group) and its unhandled records."""
+        from aiokafka.structs import TopicPartition
+
+        consumer = self.clients.consumer(group_id=f"{self.group_id}.dlq")
+        try:
+            await consumer.start()
+            topic = dead_letter_topic(queue)
+            await consumer.topics()  # loads the topic's metadata
+            partitions = [
+                TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())
+            ]
+            consumer.assign(partitions)
+            ends = await consumer.end_offsets(partitions)
+            records: list[Any] = []
+            for tp in partitions:
+                position = await consumer.committed(tp) or 0
+                consumer.seek(tp, position)
+                while position < ends[tp]:
+                    batch = await consumer.getmany(tp, timeout_ms=1000)
+                    if not batch:
+                        break
+                    for record in batch.get(tp, []):
+                        if record.offset < ends[tp]:
+                            records.append(record)
+                        position = record.offset + 1
+        except _kafka_errors() as exc:
+            with contextlib.suppress(*_kafka_errors()):
+                await consumer.stop()
+            raise BrokerUnavailable(f"reading {dead_letter_topic(queue)!r} failed: {exc}") from exc
+        return consumer, records
+
+    async def _close_reader(self, consumer: Any, handled: list[Any]) -> None:
+        """Commit past ``handled`` (the records replayed or purged), then stop the reader."""
+        from aiokafka.structs import TopicPartition
+
+        offsets: dict[Any, int] = {}
+        for record in handled:
+            tp = TopicPartition(record.topic, record.partition)
+            offsets[tp] = max(offsets.get(tp, 0), record.offset + 1)
+        try:
+            if offsets:
+                await consumer.commit(offsets)
+        finally:
+            with contextlib.suppress(*_kafka_errors()):
+                await consumer.stop()
+
+    async def list_dead_letters(self, queue: str, limit: int) -> list[DeadLetter]:
+        consumer, records = await self._dead_letters(queue)
+        await self._close_reader(consumer, [])
+        return [_dead_letter(record) for record in records[:limit]]
+
+    async def replay_dead_letters(
+        self, queue: str, *, limit: int | None = None, message_id: str | None = None
+    ) -> int:
+        """Produce dead letters back to ``queue`` with a fresh retry budget. With
+        ``message_id`` only that one is replayed, and the others stay listed before it."""
+        consumer, records = await self._dead_letters(queue)
+        handled: list[Any] = []
+        try:
+            for record in records[:limit]:
+                letter = _dead_letter(record)
+                if message_id is not None and letter.message_id != message_id:
+                    break  # offsets commit in order: what follows stays too
+                headers = replay_headers(letter.headers)
+                if letter.message_id:
+                    headers[MESSAGE_ID_HEADER] = letter.message_id
+                await self._produce(queue, letter.body, record.key, headers)
+                handled.append(record)
+        finally:
+            await self._close_reader(consumer, handled)
+        return len(handled)
+
+    async def purge_dead_letters(self, queue: str) -> int:
+        consumer, records = await self._dead_letters(queue)
+        await self._close_reader(consumer, records)
+        return len(records)
+
+
+class _Reader:
+    """The state of one ``consume``: what is held, waiting, running, and the offsets."""
+
+    def __init__(self, transport: KafkaTransport) -> None:
+        self.transport = transport
+        self.consumer: Any = None
+        self.wake = asyncio.Event()
+        self.ready: deque[KafkaDelivery] = deque()
+        self.held: list[tuple[float, int, KafkaDelivery]] = []  # retries not due yet
+        self.order = itertools.count()
+        self.busy_keys: dict[bytes, deque[KafkaDelivery]] = {}
+        self.in_flight: set[KafkaDelivery] = set()
+        self.outstanding: dict[tuple[str, int], set[int]] = defaultdict(set)
+        self.next_offset: dict[tuple[str, int], int] = {}
+
+    def listener(self) -> Any:
+        from aiokafka import ConsumerRebalanceListener
+
+        reader = self
+
+        class Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+            async def on_partitions_revoked(self, revoked: Iterable[Any]) -> None:
+                await reader.revoked({(tp.topic, tp.partition) for tp in revoked})
+
+            async def on_partitions_assigned(self, assigned: Iterable[Any]) -> None:
+                names = sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned)
+                log.info("assigned partitions: %s", ", ".join(names) or "none")
+
+        return Listener()
+
+    def admit(self, delivery: KafkaDelivery) -> None:
         tp = delivery.tp
-        self._outstanding[tp].add(delivery.offset)
-        self._next_offset[tp] = max(self._next_offset.get(tp, 0), delivery.offset + 1)
+        self.outstanding[tp].add(delivery.offset)
+        self.next_offset[tp] = max(self.next_offset.get(tp, 0), delivery.offset + 1)
         due = header_number(delivery.headers, RETRY_AT_HEADER) / 1000
         if due > time.time():
-            heapq.heappush(self._held, (due, next(self._order), delivery))
+            heapq.heappush(self.held, (due, next(self.order), delivery))
             return
-        self._queue_in_key_order(delivery)
+        self.queue_in_key_order(delivery)
 
-    def _queue_in_key_order(self, delivery: KafkaDelivery) -> None:
+    def queue_in_key_order(self, delivery: KafkaDelivery) -> None:
         if delivery.key is None:
-            self._ready.append(delivery)
-        elif delivery.key in self._busy_keys:
-            self._busy_keys[delivery.key].append(delivery)  # waits for the one before it
+            self.ready.append(delivery)
+        elif delivery.key in self.busy_keys:
+            self.busy_keys[delivery.key].append(delivery)  # waits for the one before it
         else:
-            self._busy_keys[delivery.key] = deque()
-            self._ready.append(delivery)
+            self.busy_keys[delivery.key] = deque()
+            self.ready.append(delivery)
 
-    def _release_due(self) -> None:
+    def release_due(self) -> None:
         now = time.time()
-        while self._held and self._held[0][0] <= now:
-            self._queue_in_key_order(heapq.heappop(self._held)[2])
+        while self.held and self.held[0][0] <= now:
+            self.queue_in_key_order(heapq.heappop(self.held)[2])
 
-    def _next_due(self) -> float | None:
-        return self._held[0][0] - time.time() if self._held else None
+    def next_due(self) -> float | None:
+        return self.held[0][0] - time.time() if self.held else None
 
-    async def _wait(self, timeout: float | None) -> None:
-        self._wake.clear()
+    async def wait(self, timeout: float | None) -> None:
+        self.wake.clear()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(None if timeout is None else max(timeout, 0.0)):
-                await self._wake.wait()
+                await self.wake.wait()
 
-    def _next_of_key(self, delivery: KafkaDelivery) -> None:
-        if delivery.key is None or delivery.key not in self._busy_keys:
+    def next_of_key(self, delivery: KafkaDelivery) -> None:
+        if delivery.key is None or delivery.key not in self.busy_keys:
             return
-        waiting = self._busy_keys[delivery.key]
+        waiting = self.busy_keys[delivery.key]
         if waiting:
-            self._ready.append(waiting.popleft())
+            self.ready.append(waiting.popleft())
         else:
-            del self._busy_keys[delivery.key]
+            del self.busy_keys[delivery.key]
 
-    async def _settled(self, delivery: KafkaDelivery) -> None:
+    async def settled(self, delivery: KafkaDelivery) -> None:
         """Its offset is done: commit up to the first record of the partition not yet done."""
         if delivery.orphaned:
             return
-        self._in_flight.discard(delivery)
-        self._next_of_key(delivery)
-        self._wake.set()
-        outstanding = self._outstanding.get(delivery.tp)
+        self.in_flight.discard(delivery)
+        self.next_of_key(delivery)
+        self.wake.set()
+        outstanding = self.outstanding.get(delivery.tp)
         if outstanding is None:  # its partition was revoked meanwhile: the new owner has it
             return
         outstanding.discard(delivery.offset)
-        commit_to = min(outstanding) if outstanding else self._next_offset[delivery.tp]
-        await self._commit({delivery.tp: commit_to})
+        commit_to = min(outstanding) if outstanding else self.next_offset[delivery.tp]
+        await self.commit({delivery.tp: commit_to})
 
-    async def _commit(self, offsets: dict[tuple[str, int], int]) -> None:
-        consumer = self._consumer
+    async def commit(self, offsets: dict[tuple[str, int], int]) -> None:
+        consumer = self.consumer
         if consumer is None or not offsets:
             return
         from aiokafka.structs import TopicPartition
@@ -335,33 +445,33 @@ class KafkaTransport:
             # and processes again what came after (the idempotency store answers those).
             log.warning("could not commit offsets %s (%s); they will be read again", offsets, exc)
 
-    def _put_back(self, delivery: KafkaDelivery) -> None:
+    def put_back(self, delivery: KafkaDelivery) -> None:
         """A release: processed again by this worker, in its key's order."""
         if delivery.orphaned:
             return
-        self._in_flight.discard(delivery)
-        self._ready.appendleft(delivery)
-        self._wake.set()
+        self.in_flight.discard(delivery)
+        self.ready.appendleft(delivery)
+        self.wake.set()
 
-    async def _revoked(self, partitions: set[tuple[str, int]]) -> None:
+    async def revoked(self, partitions: set[tuple[str, int]]) -> None:
         """Drop what of these partitions has not started; let what runs finish, briefly."""
-        self._ready = deque(d for d in self._ready if d.tp not in partitions)
-        self._held = [h for h in self._held if h[2].tp not in partitions]
-        heapq.heapify(self._held)
-        for key, waiting in list(self._busy_keys.items()):
-            self._busy_keys[key] = deque(d for d in waiting if d.tp not in partitions)
-        running = [d for d in self._in_flight if d.tp in partitions]
+        self.ready = deque(d for d in self.ready if d.tp not in partitions)
+        self.held = [h for h in self.held if h[2].tp not in partitions]
+        heapq.heapify(self.held)
+        for key, waiting in list(self.busy_keys.items()):
+            self.busy_keys[key] = deque(d for d in waiting if d.tp not in partitions)
+        running = [d for d in self.in_flight if d.tp in partitions]
         deadline = time.monotonic() + REVOKE_GRACE
-        while any(d in self._in_flight for d in running) and time.monotonic() < deadline:
-            await self._wait(0.05)
-        late = [d for d in running if d in self._in_flight]
+        while any(d in self.in_flight for d in running) and time.monotonic() < deadline:
+            await self.wait(0.05)
+        late = [d for d in running if d in self.in_flight]
         for delivery in late:  # free their slots and keys; their settling changes nothing
             delivery.orphaned = True
-            self._in_flight.discard(delivery)
-            self._next_of_key(delivery)
+            self.in_flight.discard(delivery)
+            self.next_of_key(delivery)
         for tp in partitions:
-            self._outstanding.pop(tp, None)
-            self._next_offset.pop(tp, None)
+            self.outstanding.pop(tp, None)
+            self.next_offset.pop(tp, None)
         if running:
             log.warning(
                 "partitions revoked with %d record(s) in flight, %d not finished in %.0fs: "
@@ -371,8 +481,33 @@ class KafkaTransport:
                 REVOKE_GRACE,
             )
 
-    async def open_reply_queue(self) -> Any:
-        raise TransportError("request/reply over Kafka is not supported: read the reply topics")
+
+class KafkaReplyQueue:
+    """A private topic for replies (``chatprocessor send``): read by a group of its own."""
+
+    def __init__(self, transport: KafkaTransport) -> None:
+        self.name = f"chatprocessor.reply.{uuid.uuid4().hex}"
+        self._reader = KafkaTransport(transport.clients, group_id=self.name)
+        self._reader._producer = transport._producer
+
+    async def messages(self) -> AsyncIterator[Delivery]:
+        async for delivery in self._reader.consume(self.name, prefetch=16):
+            await delivery.ack()
+            yield delivery
+
+    async def close(self) -> None:
+        """Topics are not deleted by clients: the broker's retention removes it."""
+
+
+def _dead_letter(record: Any) -> DeadLetter:
+    headers = {name: value.decode(errors="replace") for name, value in record.headers or ()}
+    message_id = headers.pop(MESSAGE_ID_HEADER, None)
+    return DeadLetter(
+        id=f"{record.partition}:{record.offset}",
+        body=record.value or b"",
+        message_id=message_id,
+        headers=headers,
+    )
 
 
 def _header_bytes(value: Any) -> bytes:

@@ -68,20 +68,18 @@ class FakeKafka:
         return [record for log in self.topic(topic) for record in log]
 
     async def rebalance(self, group: str) -> None:
-        """Revoke everything from every member, then deal the partitions out again."""
-        members = [m for m in self.members[group] if m.started]
+        """Revoke everything from every subscribed member, then deal each topic's partitions
+        out again among the members subscribed to it (round robin)."""
+        members = [m for m in self.members[group] if m.started and not m.manual]
         for member in members:
             await member.revoke()
-        partitions = sorted(
-            {
-                TopicPartition(topic, p)
-                for member in members
-                for topic in member.topics
-                for p in range(len(self.topic(topic)))
-            }
-        )
+        shares: dict[int, list[TopicPartition]] = defaultdict(list)
+        for topic in sorted({t for member in members for t in member.subscribed}):
+            readers = [i for i, member in enumerate(members) if topic in member.subscribed]
+            for p in range(len(self.topic(topic))):
+                shares[readers[p % len(readers)]].append(TopicPartition(topic, p))
         for i, member in enumerate(members):
-            await member.assign(partitions[i :: len(members)])
+            await member.receive_assignment(shares[i])
 
 
 class FakeClients:
@@ -124,14 +122,15 @@ class FakeConsumer:
     def __init__(self, cluster: FakeKafka, group_id: str) -> None:
         self.cluster = cluster
         self.group_id = group_id
-        self.topics: list[str] = []
+        self.subscribed: list[str] = []
         self.listener: Any = None
         self.started = False
         self.assigned: list[TopicPartition] = []
         self.position: dict[TopicPartition, int] = {}
+        self.manual = False  # assign() instead of subscribe(): no group rebalancing
 
     def subscribe(self, topics: Iterable[str], listener: Any = None) -> None:
-        self.topics = list(topics)
+        self.subscribed = list(topics)
         self.listener = listener
 
     async def start(self) -> None:
@@ -139,15 +138,18 @@ class FakeConsumer:
             raise KafkaConnectionError("fake cluster is down")
         self.started = True
         self.cluster.members[self.group_id].append(self)
-        await self.cluster.rebalance(self.group_id)
+        if self.subscribed:
+            await self.cluster.rebalance(self.group_id)
 
     async def stop(self) -> None:
         if not self.started:
             return
-        await self.revoke()
+        if not self.manual:
+            await self.revoke()
         self.started = False
         self.cluster.members[self.group_id].remove(self)
-        await self.cluster.rebalance(self.group_id)
+        if not self.manual:
+            await self.cluster.rebalance(self.group_id)
 
     async def revoke(self) -> None:
         if self.assigned and self.listener is not None:
@@ -155,7 +157,8 @@ class FakeConsumer:
         self.assigned = []
         self.position = {}
 
-    async def assign(self, partitions: list[TopicPartition]) -> None:
+    async def receive_assignment(self, partitions: list[TopicPartition]) -> None:
+        """The group's share after a rebalance (what aiokafka's coordinator does)."""
         self.assigned = partitions
         committed = self.cluster.committed[self.group_id]
         self.position = {tp: committed.get(tp, 0) for tp in partitions}
@@ -165,12 +168,36 @@ class FakeConsumer:
     def assignment(self) -> set[TopicPartition]:
         return set(self.assigned)
 
+    def assign(self, partitions: Iterable[TopicPartition]) -> None:
+        """Manual assignment (aiokafka's ``assign``): read these, whatever the group does."""
+        self.manual = True
+        self.assigned = list(partitions)
+        committed = self.cluster.committed[self.group_id]
+        self.position = {tp: committed.get(tp, 0) for tp in self.assigned}
+
+    async def topics(self) -> set[str]:
+        return set(self.cluster.topics)
+
+    def partitions_for_topic(self, topic: str) -> set[int] | None:
+        if topic not in self.cluster.topics:
+            return None
+        return set(range(len(self.cluster.topics[topic])))
+
+    async def end_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: len(self.cluster.topic(tp.topic)[tp.partition]) for tp in partitions}
+
+    async def committed(self, tp: TopicPartition) -> int | None:
+        return self.cluster.committed[self.group_id].get(tp)
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.position[tp] = offset
+
     async def getmany(
-        self, timeout_ms: int = 0, max_records: int | None = None
+        self, *partitions: TopicPartition, timeout_ms: int = 0, max_records: int | None = None
     ) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
         deadline = asyncio.get_running_loop().time() + timeout_ms / 1000
         while True:
-            batch = self._take(max_records)
+            batch = self._take(max_records, partitions)
             if batch:
                 return batch
             remaining = deadline - asyncio.get_running_loop().time()
@@ -182,10 +209,12 @@ class FakeConsumer:
             except TimeoutError:
                 return {}
 
-    def _take(self, max_records: int | None) -> dict[TopicPartition, list[Any]]:
+    def _take(
+        self, max_records: int | None, only: tuple[TopicPartition, ...] = ()
+    ) -> dict[TopicPartition, list[Any]]:
         batch: dict[TopicPartition, list[Any]] = {}
         budget = max_records if max_records is not None else 1_000_000
-        for tp in self.assigned:
+        for tp in only or self.assigned:
             log = self.cluster.topic(tp.topic)[tp.partition]
             start = self.position[tp]
             records = log[start : start + budget]
