@@ -48,7 +48,7 @@ def build_worker(settings: Settings) -> Worker:
     retry = RetryPolicy.from_settings(settings)
     models = settings.uses_models_contract
     config = WorkerConfig(
-        input_queue=settings.local_model_kafka_topic if models else settings.rabbitmq_queue_input,
+        input_queue=settings.input_queue,
         output_queue=settings.text_response_topic if models else settings.rabbitmq_queue_output,
         prefetch=settings.prefetch_count,
         graceful_timeout=settings.graceful_timeout,

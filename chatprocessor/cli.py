@@ -120,6 +120,13 @@ def send(
     from chatprocessor.transports import build_transport
 
     settings = _settings()
+    if settings.uses_models_contract:
+        _fail(
+            "`send` speaks the chat contract (UserPromptReceived); with the models contract "
+            "(TRANSPORT=kafka, CONTRACT=models) produce {user_email, prompt, photo} records "
+            "to LOCAL_MODEL_KAFKA_TOPIC and read the response topics",
+            2,
+        )
     conv = conversation_id if conversation_id is not None else random.randint(1, 10**9)
 
     printed = False

@@ -27,7 +27,7 @@ def _with_admin(queue: str | None, action: Callable[[DeadLetterAdmin, str], Awai
     from chatprocessor.transports import build_transport
 
     settings = _settings()
-    name = queue or settings.rabbitmq_queue_input
+    name = queue or settings.input_queue
 
     async def main() -> T:
         transport = build_transport(settings)

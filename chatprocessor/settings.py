@@ -140,6 +140,13 @@ class Settings(BaseSettings):
     def uses_models_contract(self) -> bool:
         return self.contract == "models" or (self.contract == "auto" and self.transport == "kafka")
 
+    @property
+    def input_queue(self) -> str:
+        """Where jobs come from: seed 001's topic for the models contract, else seed 000's."""
+        if self.uses_models_contract:
+            return self.local_model_kafka_topic
+        return self.rabbitmq_queue_input
+
     @field_validator("providers", mode="before")
     @classmethod
     def _split_providers(cls, value: Any) -> Any:

@@ -22,6 +22,7 @@ from prometheus_client import REGISTRY
 from chatprocessor.app import build_codec
 from chatprocessor.core.retry import RetryPolicy
 from chatprocessor.core.worker import Worker, WorkerConfig
+from chatprocessor.providers import build_providers
 from chatprocessor.providers.ollama import OllamaProvider
 from chatprocessor.settings import Settings
 from chatprocessor.transports.kafka import KafkaTransport, dead_letter_topic
@@ -211,3 +212,33 @@ async def test_a_text_request_without_a_prompt_is_rejected(start: Callable[..., 
     await until(lambda: len(lab.replies(TEXT_TOPIC)) == 1)
     [(_, reply)] = lab.replies(TEXT_TOPIC)
     assert "needs a prompt" in reply["error"] and reply["model"] == MODEL
+
+
+async def test_ready_says_when_the_model_is_missing_and_start_up_can_pull_it(
+    fake_ollama: FakeOllama,
+) -> None:
+    """/ready checks the model is in /api/tags; PULL_MISSING_MODELS pulls it at start-up."""
+    missing = "llava:13b"
+
+    def worker(pull: bool) -> Worker:
+        return Worker(
+            KafkaTransport(FakeKafka().clients(), group_id="g"),
+            build_providers(
+                Settings.load(
+                    providers=["ollama"], ollama_base_url=fake_ollama.url, ollama_model=missing
+                )
+            ),
+            build_codec(Settings.load(transport="kafka")),
+            WorkerConfig(input_queue=TOPIC, output_queue=TEXT_TOPIC, pull_missing_models=pull),
+        )
+
+    plain = worker(pull=False)
+    await plain.start()
+    assert await plain.readiness() == {"broker": True, "provider": True, "model": False}
+    pulling = worker(pull=True)
+    await pulling.start()
+    assert fake_ollama.has_model(missing)
+    assert await pulling.readiness() == {"broker": True, "provider": True, "model": True}
+    for w in (plain, pulling):
+        await w.transport.close()
+        await w.provider.close()

@@ -48,6 +48,11 @@ NEW_DEFAULTS = {
     "openai_model": "gpt-4o-mini",
     "breaker_fail_max": 5,
     "breaker_reset_timeout": 30.0,
+    # Seed 001's names and defaults.
+    "bootstrap_server": "localhost:9092",
+    "consumer_group": "models-processor-group",
+    "local_model_kafka_topic": "eater-send-photo",
+    "expected_user_email": "",
 }
 
 
@@ -143,7 +148,6 @@ def test_providers_parse_to_a_list(
         ("PREFETCH_COUNT", "abc"),
         ("PREFETCH_COUNT", "0"),
         ("PREFETCH_COUNT", "1001"),
-        ("TRANSPORT", "kafka"),
         ("PROVIDERS", "gpt5"),
         ("PROVIDERS", "ollama,gpt5"),
         ("PROVIDERS", " , "),
@@ -154,6 +158,12 @@ def test_providers_parse_to_a_list(
         ("OLLAMA_TIMEOUT", "0"),
         ("MAX_MESSAGE_BYTES", "10"),
         ("OUTPUT_NAMING", "kebab"),
+        ("TRANSPORT", "nats"),
+        ("CONTRACT", "xml"),
+        ("PHOTO_ANALYSIS_SCHEMA", "no_such_schema"),
+        ("MAX_IMAGE_BYTES", "12"),
+        ("IMAGE_MAX_SIDE", "-1"),
+        ("PULL_MISSING_MODELS", "perhaps"),
     ],
 )
 def test_bad_value_raises_config_error_naming_the_variable(
@@ -169,7 +179,7 @@ def test_bad_value_raises_config_error_naming_the_variable(
 
 def test_every_bad_variable_is_named_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PREFETCH_COUNT", "abc")
-    monkeypatch.setenv("TRANSPORT", "kafka")
+    monkeypatch.setenv("TRANSPORT", "nats")
     with pytest.raises(ConfigError) as info:
         Settings.load()
     assert "PREFETCH_COUNT" in str(info.value)
@@ -372,3 +382,14 @@ def test_setting_variables_are_the_fields_and_the_clients_own() -> None:
     assert is_setting_variable("job_timeout")  # pydantic-settings reads any case
     assert is_setting_variable("OPENAI_ORG_ID") and is_setting_variable("OLLAMA_HOST")
     assert not is_setting_variable("PATH") and not is_setting_variable("CI")
+
+
+def test_kafka_speaks_the_models_contract_unless_told_otherwise() -> None:
+    kafka = Settings.load(transport="kafka")
+    assert kafka.uses_models_contract and kafka.input_queue == "eater-send-photo"
+    chat_on_kafka = Settings.load(transport="kafka", contract="chat")
+    assert not chat_on_kafka.uses_models_contract
+    assert chat_on_kafka.input_queue == "UserPromptReceived"
+    models_on_rabbitmq = Settings.load(transport="rabbitmq", contract="models")
+    assert models_on_rabbitmq.input_queue == "eater-send-photo"
+    assert not Settings.load().uses_models_contract
