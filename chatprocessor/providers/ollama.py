@@ -1,21 +1,27 @@
-"""Ollama: ``POST /api/chat`` on aiohttp, ``GET /api/tags`` through the official client.
+"""Ollama: chat (``POST /api/chat``) on aiohttp, listing and pulling models through ``ollama``.
 
 The chat call, made for every job, talks HTTP with aiohttp directly: under the
 official ``ollama`` client, httpx's request building, cookie jar and pydantic
 models cost more CPU per call than the rest of a job together (measured in
 bench/overhead.py, where this choice is what lets chatprocessor keep up with a
-bare aio-pika loop). The official client still serves the model listing (and the
-tests run it against the fake server, which proves the fake speaks the protocol).
+bare aio-pika loop). The official client still serves the rare calls, listing and
+pulling models (and the tests run it against the fake server, which proves the
+fake speaks the protocol).
 
 Connecting fails fast (OLLAMA_CONNECT_TIMEOUT); reading waits OLLAMA_TIMEOUT
 between bytes. An ``{"error": ...}`` line in the middle of a stream is a
 failure, never a short answer; a 429 becomes RateLimited with the seconds of
 its Retry-After header.
+
+Images ride in each message (``"images": [base64, ...]``) and structured output in
+``format``, as Ollama's API has them. A pull (``POST /api/pull``) may take minutes:
+it waits OLLAMA_TIMEOUT per progress line, not in total.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -32,12 +38,16 @@ from chatprocessor.core.errors import (
     ProviderUnavailable,
     RateLimited,
 )
-from chatprocessor.providers.base import ChatRequest, Chunk, parse_retry_after
+from chatprocessor.providers.base import ChatRequest, Chunk, parse_retry_after, same_model
+
+log = logging.getLogger(__name__)
 
 #: Health probes (/ready, start-up, check) must not wait OLLAMA_TIMEOUT on a hung server.
 PROBE_TIMEOUT = 5.0
 #: Connections kept open to Ollama (aiohttp's default; more requests wait for one).
 CONNECTIONS = 100
+#: A pull logs a layer's progress once per this many steps (10: every 10 %), plus each new status.
+PULL_LOG_STEPS = 10
 
 
 def http_error(status: int, message: str, model: str, retry_after: float | None) -> ProviderError:
@@ -88,6 +98,8 @@ class OllamaProvider:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.default_model = model
+        self._read_timeout = timeout
+        self._connect_timeout = connect_timeout
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=None, sock_connect=connect_timeout, sock_read=timeout
         )
@@ -109,11 +121,20 @@ class OllamaProvider:
 
     @staticmethod
     def _body(request: ChatRequest, model: str, stream: bool) -> bytes:
+        # orjson writes the images tuple as an array as it is: no copy, and messages
+        # without images cost one truth test.
         body: dict[str, Any] = {
             "model": model,
-            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+            "messages": [
+                {"role": m.role, "content": m.content, "images": m.images}
+                if m.images
+                else {"role": m.role, "content": m.content}
+                for m in request.messages
+            ],
             "stream": stream,
         }
+        if request.format is not None:
+            body["format"] = request.format
         options: dict[str, Any] = {}
         if request.temperature is not None:
             options["temperature"] = request.temperature
@@ -173,6 +194,40 @@ class OllamaProvider:
             raise translate(exc, self.default_model) from exc
         return [m.model for m in listing.models if m.model]
 
+    async def has_model(self, name: str | None = None) -> bool:
+        """Whether Ollama has ``name`` (default: the configured model) installed now.
+
+        ``llama2`` and ``llama2:latest`` are one model. An unreachable server raises
+        ProviderUnavailable/ProviderTimeout instead of answering False: "absent" would lead
+        a caller to start a pull that cannot work either.
+        """
+        wanted = name or self.default_model
+        return any(same_model(wanted, installed) for installed in await self.list_models())
+
+    async def pull_model(self, name: str | None = None) -> None:
+        """Download ``name`` (default: the configured model) into Ollama, logging progress.
+
+        Waits up to the provider's read timeout for each progress line (a pull takes
+        minutes, a line comes every fraction of a second), so its own client: the shared
+        one gives up after PROBE_TIMEOUT. Raises ModelNotFound when Ollama cannot pull that
+        name (its ``{"error": ...}`` line or a 4xx), else as ``chat`` does.
+        """
+        model = name or self.default_model
+        progress = _PullProgress(model)
+        timeout = httpx.Timeout(self._read_timeout, connect=self._connect_timeout)
+        client = ollama.AsyncClient(host=self.base_url, timeout=timeout)
+        try:
+            async for part in await client.pull(model, stream=True):
+                progress.update(part.status, part.digest, part.completed, part.total)
+        except ollama.ResponseError as exc:
+            raise _pull_error(exc, model) from exc
+        except _CLIENT_ERRORS as exc:
+            raise translate(exc, model) from exc
+        finally:
+            await client.close()  # type: ignore[no-untyped-call]
+        if not progress.succeeded:
+            raise ProviderUnavailable(f"ollama: the pull of {model!r} ended before success")
+
     async def ping(self) -> bool:
         try:
             await self.list_models()
@@ -195,3 +250,62 @@ def _error_text(body: bytes, reason: str | None) -> str:
     if error:
         return str(error)
     return body.decode(errors="replace").strip()[:500] or reason or "no message"
+
+
+def _pull_error(exc: ollama.ResponseError, model: str) -> ProviderError:
+    """A refused pull: Ollama cannot get that name (an error line, a 4xx), else as in chat."""
+    status = exc.status_code
+    if status == -1:  # the official client's mark for an {"error": ...} line in a stream
+        return ModelNotFound(f"ollama: cannot pull {model!r}: {exc.error}")
+    if 400 <= status < 500 and status != 429:
+        return ModelNotFound(f"ollama: cannot pull {model!r}, HTTP {status}: {exc.error}")
+    return http_error(status, exc.error, model, None)
+
+
+class _PullProgress:
+    """Picks the progress lines of a pull worth logging: Ollama sends one every ~60 ms per
+    layer, so a layer logs each PULL_LOG_STEPS-th of its size, and each new status."""
+
+    __slots__ = ("_statuses", "_steps", "model", "succeeded")
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.succeeded = False
+        self._statuses: dict[str | None, str] = {}  # last status logged, per digest
+        self._steps: dict[str, int] = {}  # last step logged, per digest
+
+    def update(
+        self, status: str | None, digest: str | None, completed: int | None, total: int | None
+    ) -> None:
+        status = status or ""
+        if status == "success":
+            self.succeeded = True
+        new_status = self._statuses.get(digest) != status
+        if not (digest and total):
+            if new_status:
+                self._statuses[digest] = status
+                log.info("ollama: pulling %s: %s", self.model, status)
+            return
+        done = min(max(completed or 0, 0), total)
+        step = done * PULL_LOG_STEPS // total
+        if not new_status and step <= self._steps.get(digest, -1):
+            return
+        self._statuses[digest] = status
+        self._steps[digest] = step
+        log.info(
+            "ollama: pulling %s: %s %d%% of %s",
+            self.model,
+            status,
+            done * 100 // total,
+            _size(total),
+        )
+
+
+def _size(n: int) -> str:
+    """Bytes for a person: 3.8 GB, 12 kB."""
+    size = float(n)
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"

@@ -18,15 +18,25 @@ Usage::
 Inference endpoints (chat, generate, embed) go through the same pipeline as in
 Ollama: validation (400 / 404 answered at once), the concurrency queue
 (``max_concurrency``), ``latency``, then the answer or the injected failure.
+
+Images (base64, in chat messages or at the top of a generate request) must be strict
+base64 as Ollama's decoder wants (else 400); :attr:`FakeOllama.images` lists those
+received. A request with ``format`` ("json" or a JSON schema) is answered with
+``json.dumps(fake.json_answer)`` instead of the echo. ``/api/pull`` streams progress
+lines like Ollama's and then lists the model; with ``fake.pullable`` set, other names
+fail as in Ollama (``{"error": "pull model manifest: file does not exist"}``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hashlib
 import json
 import math
 import re
+import string
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,6 +65,11 @@ _DEFAULT_ERRORS: dict[int, str] = {
 }
 _CHUNK_RE = re.compile(r"\S+\s*")
 _EMBED_DIM = 8
+#: What Ollama answers when the registry has no such model.
+PULL_NOT_FOUND = "pull model manifest: file does not exist"
+#: Default answer to a request with ``format`` (see ``FakeOllama.json_answer``).
+DEFAULT_JSON_ANSWER: dict[str, Any] = {"answer": "Paris", "confidence": 0.9}
+_BASE64_CHARS = frozenset(string.ascii_letters + string.digits + "+/=\r\n")
 
 
 class _Fault(Enum):
@@ -137,6 +152,8 @@ class _Completion:
     num_predict: int | None
     started: int
     include_usage: bool = False
+    #: ``format`` was "json" or a schema: the answer is ``json_answer``, not the echo.
+    structured: bool = False
 
     @property
     def key(self) -> str:
@@ -150,6 +167,11 @@ class _Completion:
     @classmethod
     def parse(cls, body: JSONDict, *, chat: bool, started: int) -> _Completion | web.Response:
         """Extract what the fake needs from a validated request body (or a 400)."""
+        if (bad := _check_images(body, chat=chat)) is not None:
+            return bad
+        structured = _structured(body.get("format"))
+        if isinstance(structured, web.Response):
+            return structured
         if chat:
             messages = body.get("messages") or []
             if not isinstance(messages, list):
@@ -173,6 +195,7 @@ class _Completion:
             streaming=body.get("stream", True) is not False,
             num_predict=num_predict,
             started=started,
+            structured=structured,
         )
 
     @classmethod
@@ -181,7 +204,7 @@ class _Completion:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             return _openai_error(400, "messages must be a non-empty list")
-        texts = [
+        texts: list[JSONDict] = [
             {"role": m.get("role"), "content": _openai_text(m.get("content"))}
             for m in messages
             if isinstance(m, dict)
@@ -194,7 +217,7 @@ class _Completion:
             chat=True,
             model=str(body["model"]),
             prompt=_last_user_content(texts),
-            prompt_words=sum(_word_count(t["content"]) for t in texts),
+            prompt_words=sum(_word_count(str(t["content"])) for t in texts),
             streaming=body.get("stream") is True,
             num_predict=limit,
             started=started,
@@ -226,6 +249,12 @@ class FakeOllama:
         self.retry_after = retry_after
         self.host = host
         self.port = port
+        #: The answer (as JSON text) to requests with ``format``; set it per test.
+        self.json_answer: Any = dict(DEFAULT_JSON_ANSWER)
+        #: Names ``/api/pull`` can get (None: any name); others fail like Ollama's.
+        self.pullable: set[str] | None = None
+        #: Seconds between two progress lines of a streamed pull.
+        self.pull_delay = 0.0
 
         self.requests: list[JSONDict] = []
         self.in_flight = 0
@@ -343,6 +372,28 @@ class FakeOllama:
     def has_model(self, name: str) -> bool:
         """Whether ``name`` is known ("llama2" and "llama2:latest" are the same)."""
         return normalize_model(name) in self.models
+
+    @property
+    def images(self) -> list[str]:
+        """Every base64 image received on ``/api/chat`` and ``/api/generate``, in order."""
+        out: list[str] = []
+        for entry in self.requests:
+            body = entry.get("body")
+            if not isinstance(body, dict):
+                continue
+            if entry["path"] == "/api/generate":
+                out.extend(body.get("images") or [])
+            elif entry["path"] == "/api/chat":
+                for message in body.get("messages") or []:
+                    if isinstance(message, dict):
+                        out.extend(message.get("images") or [])
+        return out
+
+    def _can_pull(self, name: str) -> bool:
+        """Whether the fake registry has ``name`` (``pullable``, or anything when None)."""
+        if self.pullable is None:
+            return True
+        return normalize_model(name) in {normalize_model(m) for m in self.pullable}
 
     def _take_fault(self, streaming: bool) -> _Fault:
         """Consume at most one injected fault for the current request."""
@@ -486,7 +537,8 @@ class FakeOllama:
                 return _as_openai_error(await self._hang())
             if fault is _Fault.FAIL:
                 return self._injected_error()
-            chunks = split_chunks(self.reply(job.prompt))
+            answer = json.dumps(self.json_answer) if job.structured else self.reply(job.prompt)
+            chunks = split_chunks(answer)
             done_reason = "stop"
             if job.num_predict is not None and len(chunks) > job.num_predict:
                 chunks = chunks[: job.num_predict]
@@ -678,32 +730,106 @@ class FakeOllama:
             self._release()
 
     async def _handle_pull(self, request: web.Request) -> web.StreamResponse:
-        """``POST /api/pull``: registers the model, optionally streaming progress."""
+        """``POST /api/pull``: Ollama's progress lines, then the model is listed.
+
+        A name the fake registry lacks (see ``pullable``) fails as in Ollama: a streamed
+        pull has already answered 200, so its error is an ``{"error": ...}`` line after
+        "pulling manifest"; with ``"stream": false`` it is a 500.
+        """
         body = await self._read_json(request)
         if isinstance(body, web.Response):
             return body
         model = body.get("model") or body.get("name")
         if not isinstance(model, str) or not model:
             return _error(400, "model is required")
-        self.add_model(model)
+        full = normalize_model(model)
+        found = self._can_pull(full)
+        lines = _pull_lines(full) if found else [{"status": "pulling manifest"}]
         if body.get("stream", True) is False:
+            if self.pull_delay > 0:
+                await asyncio.sleep(self.pull_delay * len(lines))
+            if not found:
+                return _error(500, PULL_NOT_FOUND)
+            self.add_model(full)
             return web.json_response({"status": "success"})
-        digest = "sha256:" + hashlib.sha256(normalize_model(model).encode()).hexdigest()
-        lines: list[JSONDict] = [
-            {"status": "pulling manifest"},
-            {"status": "downloading", "digest": digest, "total": 100, "completed": 0},
-            {"status": "downloading", "digest": digest, "total": 100, "completed": 50},
-            {"status": "downloading", "digest": digest, "total": 100, "completed": 100},
-            {"status": "verifying sha256 digest"},
-            {"status": "writing manifest"},
-            {"status": "success"},
-        ]
         response = web.StreamResponse(status=200, headers={"Content-Type": NDJSON})
         await response.prepare(request)
-        for line in lines:
+        for i, line in enumerate(lines):
+            if i and self.pull_delay > 0:
+                await asyncio.sleep(self.pull_delay)
+            if line["status"] == "success":
+                self.add_model(full)  # listed by the time the client reads "success"
             await response.write(_line(line))
+        if not found:
+            await response.write(_line({"error": PULL_NOT_FOUND}))
         await response.write_eof()
         return response
+
+
+def _pull_lines(model: str) -> list[JSONDict]:
+    """A pull's progress as Ollama streams it: the manifest, then each layer in turn
+    ("pulling <12 hex>", first without ``completed``, then growing, here by 5 %), the
+    checks, "success". The weights are big; template, license and params are small."""
+    lines: list[JSONDict] = [{"status": "pulling manifest"}]
+    layers = [("model", 3_825_819_519, 20), ("template", 59, 1), ("license", 7_020, 1)]
+    layers.append(("params", 91, 1))
+    for kind, total, steps in layers:
+        digest = "sha256:" + hashlib.sha256(f"{model}/{kind}".encode()).hexdigest()
+        status = f"pulling {digest[7:19]}"
+        lines.append({"status": status, "digest": digest, "total": total})
+        for step in range(1, steps + 1):
+            completed = -(-total * step // steps)  # rounded up: 10 % is 10 %
+            lines.append(
+                {"status": status, "digest": digest, "total": total, "completed": completed}
+            )
+    lines += [{"status": "verifying sha256 digest"}, {"status": "writing manifest"}]
+    lines.append({"status": "success"})
+    return lines
+
+
+def _check_images(body: JSONDict, *, chat: bool) -> web.Response | None:
+    """400 unless every image is strict base64 (Ollama decodes them as Go's ``[]byte``)."""
+    if chat:
+        messages = body.get("messages")
+        holders = [m for m in messages if isinstance(m, dict)] if isinstance(messages, list) else []
+    else:
+        holders = [body]
+    for holder in holders:
+        images = holder.get("images")
+        if images is None:
+            continue
+        if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+            return _error(400, "images must be a list of base64 strings")
+        for image in images:
+            if (at := _base64_error_at(image)) is not None:
+                return _error(400, f"illegal base64 data at input byte {at}")
+    return None
+
+
+def _base64_error_at(text: str) -> int | None:
+    """Where ``text`` stops being padded standard base64, or None when it decodes.
+
+    Line breaks are skipped, as by Go's decoder; the offset is the first character outside
+    the alphabet, else (bad padding or length) the end.
+    """
+    for i, char in enumerate(text):
+        if char not in _BASE64_CHARS:
+            return i
+    try:
+        base64.b64decode(text.replace("\r", "").replace("\n", ""), validate=True)
+    except binascii.Error:
+        return len(text)
+    return None
+
+
+def _structured(fmt: Any) -> bool | web.Response:
+    """Whether ``format`` asks for JSON; a value Ollama refuses is its 500."""
+    if fmt is None or fmt == "":
+        return False
+    if fmt == "json" or isinstance(fmt, dict):
+        return True
+    message = f'invalid format: {json.dumps(fmt)}; expected "json" or a valid JSON Schema object'
+    return _error(500, message)
 
 
 def _line(obj: JSONDict) -> bytes:

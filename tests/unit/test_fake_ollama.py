@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import math
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import ollama
 import pytest
 
-from tests.fakes.ollama import MID_STREAM_ERROR, FakeOllama, fake_embedding, split_chunks
+from tests.fakes.ollama import (
+    DEFAULT_JSON_ANSWER,
+    MID_STREAM_ERROR,
+    PULL_NOT_FOUND,
+    FakeOllama,
+    fake_embedding,
+    split_chunks,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -162,7 +171,7 @@ async def test_list_and_pull(fake: FakeOllama, client: ollama.AsyncClient) -> No
 
     progress = [p async for p in await client.pull("phi3", stream=True)]
     assert progress[0].status == "pulling manifest"
-    assert any(p.status == "downloading" and p.completed == 50 for p in progress)
+    assert any((p.status or "").startswith("pulling ") and p.completed == p.total for p in progress)
     assert progress[-1].status == "success"
     done = await client.pull("qwen2:0.5b")
     assert done.status == "success"
@@ -328,3 +337,180 @@ def test_split_chunks_roundtrip() -> None:
     for text in ["", "one", "  lead and trail  ", "a\nb\tc", "Echo: hi there"]:
         assert "".join(split_chunks(text)) == text
     assert split_chunks("Echo: hi there") == ["Echo: ", "hi ", "there"]
+
+
+# -------------------------------------------------------------------------- pull
+
+
+async def test_pull_progress_has_ollamas_shape(fake: FakeOllama) -> None:
+    async with (
+        httpx.AsyncClient(base_url=fake.url) as http,
+        http.stream("POST", "/api/pull", json={"model": "llava"}) as r,
+    ):
+        assert r.status_code == 200
+        assert r.headers["content-type"] == "application/x-ndjson"
+        lines = [json.loads(line) async for line in r.aiter_lines() if line]
+    assert lines[0] == {"status": "pulling manifest"}
+    assert [line["status"] for line in lines[-3:]] == [
+        "verifying sha256 digest",
+        "writing manifest",
+        "success",
+    ]
+    layers: dict[str, list[dict[str, object]]] = {}
+    for line in lines[1:-3]:
+        layers.setdefault(str(line["digest"]), []).append(line)
+    assert len(layers) >= 2
+    for digest, progress in layers.items():
+        assert digest.startswith("sha256:") and len(digest) == 7 + 64
+        assert {p["status"] for p in progress} == {f"pulling {digest[7:19]}"}
+        assert "completed" not in progress[0]  # Ollama omits a zero
+        done = [int(str(p["completed"])) for p in progress[1:]]
+        assert done == sorted(done) and done[-1] == progress[0]["total"]
+    assert fake.has_model("llava:latest")
+
+
+async def test_pull_adds_the_model_only_at_success(fake: FakeOllama) -> None:
+    fake.pull_delay = 0.01
+    async with ollama.AsyncClient(host=fake.url) as client:
+        statuses = []
+        async for part in await client.pull("llava", stream=True):
+            statuses.append(part.status)
+            assert fake.has_model("llava") is (part.status == "success")
+        assert statuses[-1] == "success"
+        assert "llava:latest" in [m.model for m in (await client.list()).models]
+
+
+async def test_pull_unknown_name_fails_like_ollama(fake: FakeOllama) -> None:
+    fake.pullable = {"llava:latest", "qwen2:0.5b"}
+    async with ollama.AsyncClient(host=fake.url) as client:
+        seen: list[str | None] = []
+        with pytest.raises(ollama.ResponseError) as info:
+            async for part in await client.pull("nosuchmodel", stream=True):
+                seen.append(part.status)
+        assert seen == ["pulling manifest"]
+        assert info.value.error == PULL_NOT_FOUND
+        with pytest.raises(ollama.ResponseError) as info:
+            await client.pull("nosuchmodel", stream=False)
+        assert info.value.status_code == 500
+        assert info.value.error == PULL_NOT_FOUND
+        assert [m.model for m in (await client.list()).models] == ["llama2:latest"]
+
+        # Names are compared as Ollama does: "llava" is "llava:latest".
+        assert (await client.pull("llava")).status == "success"
+        assert (await client.pull("qwen2:0.5b", stream=False)).status == "success"
+        names = [m.model for m in (await client.list()).models]
+        assert names == ["llama2:latest", "llava:latest", "qwen2:0.5b"]
+
+
+async def test_pull_without_a_name_is_400(fake: FakeOllama) -> None:
+    async with httpx.AsyncClient(base_url=fake.url) as http:
+        r = await http.post("/api/pull", json={"stream": True})
+    assert r.status_code == 400
+    assert r.json() == {"error": "model is required"}
+
+
+# ------------------------------------------------------------------------ images
+
+# The smallest valid PNG (1x1, transparent): real image bytes, padded base64.
+PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
+)
+PNG_B64 = base64.b64encode(PNG).decode()
+
+
+async def test_chat_images_are_recorded_intact(
+    fake: FakeOllama, client: ollama.AsyncClient
+) -> None:
+    other = base64.b64encode(b"\x00\xff" * 100).decode()
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": "describe"},
+        {"role": "user", "content": "what is this", "images": [PNG_B64, other]},
+    ]
+    resp = await client.chat("llama2", messages)
+    assert resp.message.content == "Echo: what is this"
+    assert fake.images == [PNG_B64, other]
+    assert fake.requests[-1]["body"]["messages"][1]["images"] == [PNG_B64, other]
+    # The official client encodes raw bytes itself: they arrive as the same base64.
+    await client.chat("llama2", [{"role": "user", "content": "again", "images": [PNG]}])
+    assert fake.images == [PNG_B64, other, PNG_B64]
+    assert base64.b64decode(fake.images[-1]) == PNG
+
+
+async def test_generate_images_are_recorded(fake: FakeOllama, client: ollama.AsyncClient) -> None:
+    resp = await client.generate("llama2", "what is this", images=[PNG_B64])
+    assert resp.response == "Echo: what is this"
+    assert fake.requests[-1]["body"]["images"] == [PNG_B64]
+    assert fake.images == [PNG_B64]
+    fake.reset()
+    assert fake.images == []
+
+
+@pytest.mark.parametrize(
+    ("image", "at"),
+    [("not base64!", 3), ("data:image/png;base64,AAAA", 4), ("abc", 3), ("ab=c", 4)],
+)
+async def test_image_that_is_not_strict_base64_is_400(
+    fake: FakeOllama, image: str, at: int
+) -> None:
+    message = {"role": "user", "content": "x", "images": [image]}
+    async with httpx.AsyncClient(base_url=fake.url) as http:
+        r = await http.post("/api/chat", json={"model": "llama2", "messages": [message]})
+        assert r.status_code == 400
+        assert r.json() == {"error": f"illegal base64 data at input byte {at}"}
+        assert fake.images == [image], "recorded as received, refused or not"
+        r = await http.post("/api/generate", json={"model": "llama2", "prompt": "x", "images": 5})
+        assert r.status_code == 400
+    # Go's decoder skips line breaks, as the fake does.
+    wrapped = PNG_B64[:20] + "\r\n" + PNG_B64[20:]
+    async with httpx.AsyncClient(base_url=fake.url) as http:
+        ok = await http.post(
+            "/api/generate", json={"model": "llama2", "prompt": "x", "images": [wrapped]}
+        )
+    assert ok.status_code == 200
+
+
+# ------------------------------------------------------------------ format (JSON)
+
+
+async def test_format_json_answers_json_answer(
+    fake: FakeOllama, client: ollama.AsyncClient
+) -> None:
+    resp = await client.chat("llama2", [USER_MSG], format="json")
+    assert json.loads(resp.message.content or "") == DEFAULT_JSON_ANSWER
+    assert fake.requests[-1]["body"]["format"] == "json"
+    plain = await client.chat("llama2", [USER_MSG])
+    assert plain.message.content == "Echo: hello there fake"
+
+
+async def test_format_schema_answers_the_configured_json(
+    fake: FakeOllama, client: ollama.AsyncClient
+) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
+        "required": ["city"],
+    }
+    fake.json_answer = {"city": "Paris", "population": 2_102_650, "tags": ["a b", "c"]}
+    resp = await client.chat("llama2", [USER_MSG], format=schema)
+    assert json.loads(resp.message.content or "") == fake.json_answer
+    assert fake.requests[-1]["body"]["format"] == schema
+    parts = [p async for p in await client.chat("llama2", [USER_MSG], format=schema, stream=True)]
+    assert len(parts) > 2, "streamed in pieces like any answer"
+    assert json.loads("".join(p.message.content or "" for p in parts)) == fake.json_answer
+    generated = await client.generate("llama2", "x", format="json")
+    assert json.loads(generated.response or "") == fake.json_answer
+
+
+async def test_invalid_format_is_ollamas_error(fake: FakeOllama) -> None:
+    async with httpx.AsyncClient(base_url=fake.url) as http:
+        r = await http.post(
+            "/api/chat", json={"model": "llama2", "messages": [USER_MSG], "format": "xml"}
+        )
+        assert r.status_code == 500
+        assert "invalid format" in r.json()["error"]
+        # An empty format is no format.
+        r = await http.post(
+            "/api/chat",
+            json={"model": "llama2", "messages": [USER_MSG], "format": "", "stream": False},
+        )
+        assert r.json()["message"]["content"] == "Echo: hello there fake"

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import json
+import logging
+import re
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -25,8 +31,8 @@ from chatprocessor.core.errors import (
 )
 from chatprocessor.core.job import ChatMessage
 from chatprocessor.providers.base import ChatRequest, Chunk
-from chatprocessor.providers.ollama import OllamaProvider
-from tests.fakes.ollama import FakeOllama
+from chatprocessor.providers.ollama import PULL_LOG_STEPS, OllamaProvider, _PullProgress
+from tests.fakes.ollama import PULL_NOT_FOUND, FakeOllama
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -455,4 +461,297 @@ async def test_concurrent_429s_each_keep_their_own_retry_after(throttling_server
         )
     finally:
         await provider.close()
-    assert results == [30.0, 40.0, None, 5.0]
+    assert list(results) == [30.0, 40.0, None, 5.0]
+
+
+# -- images and structured output ------------------------------------------------------------
+
+# A real 1x1 PNG, plus arbitrary bytes whose base64 uses "+", "/" and padding.
+PNG_B64 = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6"
+    "kgAAAABJRU5ErkJggg=="
+)
+BLOB = bytes(range(256)) * 40 + b"\xfb\xff"
+BLOB_B64 = base64.b64encode(BLOB).decode()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_images_arrive_intact(
+    provider: OllamaProvider, fake_ollama: FakeOllama, stream: bool
+) -> None:
+    req = ChatRequest(
+        [
+            ChatMessage("system", "Describe images."),
+            ChatMessage("user", "What is in these?", images=(PNG_B64, BLOB_B64)),
+        ]
+    )
+    chunks = await collect(provider, req, stream=stream)
+    assert "".join(c.delta for c in chunks) == "Echo: What is in these?"
+    assert fake_ollama.images == [PNG_B64, BLOB_B64]
+    assert base64.b64decode(fake_ollama.images[1]) == BLOB
+    assert fake_ollama.requests[-1]["body"]["messages"] == [
+        {"role": "system", "content": "Describe images."},  # no "images" key without images
+        {"role": "user", "content": "What is in these?", "images": [PNG_B64, BLOB_B64]},
+    ]
+
+
+async def test_images_of_several_turns_stay_with_their_message(
+    provider: OllamaProvider, fake_ollama: FakeOllama
+) -> None:
+    req = ChatRequest(
+        [
+            ChatMessage("user", "first", images=(PNG_B64,)),
+            ChatMessage("assistant", "a pixel"),
+            ChatMessage("user", "second", images=(BLOB_B64,)),
+        ]
+    )
+    await collect(provider, req, stream=False)
+    sent = fake_ollama.requests[-1]["body"]["messages"]
+    assert [m.get("images") for m in sent] == [[PNG_B64], None, [BLOB_B64]]
+
+
+SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"capital": {"type": "string"}, "country": {"type": "string"}},
+    "required": ["capital", "country"],
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("fmt", ["json", SCHEMA], ids=["json", "schema"])
+async def test_format_is_passed_through_and_the_json_answer_comes_back(
+    provider: OllamaProvider, fake_ollama: FakeOllama, fmt: str | dict[str, Any], stream: bool
+) -> None:
+    fake_ollama.json_answer = {"capital": "Paris", "country": "France"}
+    req = ChatRequest([ChatMessage("user", PROMPT)], format=fmt)
+    chunks = await collect(provider, req, stream=stream)
+    assert json.loads("".join(c.delta for c in chunks)) == {"capital": "Paris", "country": "France"}
+    assert chunks[-1].done is True
+    assert fake_ollama.requests[-1]["body"]["format"] == fmt
+
+
+async def test_no_format_key_without_format(
+    provider: OllamaProvider, fake_ollama: FakeOllama
+) -> None:
+    await collect(provider, request(), stream=False)
+    assert "format" not in fake_ollama.requests[-1]["body"]
+
+
+# -- has_model ---------------------------------------------------------------------------------
+
+
+async def test_has_model_normalises_latest(
+    provider: OllamaProvider, fake_ollama: FakeOllama
+) -> None:
+    assert await provider.has_model() is True  # the configured "llama2"
+    assert await provider.has_model("llama2") is True
+    assert await provider.has_model("llama2:latest") is True
+    assert await provider.has_model("llama2:7b") is False
+    assert await provider.has_model("mistral") is False
+    fake_ollama.add_model("mistral:7b")
+    assert await provider.has_model("mistral:7b") is True
+    assert await provider.has_model("mistral") is False, "mistral is mistral:latest"
+
+
+async def test_has_model_default_is_the_configured_model(fake_ollama: FakeOllama) -> None:
+    provider = OllamaProvider(fake_ollama.url, model="llava:latest", timeout=5, connect_timeout=1)
+    try:
+        assert await provider.has_model() is False
+        fake_ollama.add_model("llava")
+        assert await provider.has_model() is True
+    finally:
+        await provider.close()
+
+
+async def test_has_model_raises_when_ollama_is_unreachable() -> None:
+    provider = OllamaProvider(await closed_url(), model="llama2", timeout=5, connect_timeout=1)
+    try:
+        with pytest.raises(ProviderUnavailable):
+            await provider.has_model()
+    finally:
+        await provider.close()
+
+
+# -- pull_model --------------------------------------------------------------------------------
+
+LOGGER = "chatprocessor.providers.ollama"
+
+
+def pull_logs(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno == logging.INFO
+    ]
+
+
+async def test_pull_model_adds_the_model_and_logs_progress(
+    provider: OllamaProvider, fake_ollama: FakeOllama, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    fake_ollama.pullable = {"llava:latest"}
+    assert await provider.has_model("llava") is False
+    await provider.pull_model("llava")
+    assert await provider.has_model("llava") is True
+    assert fake_ollama.requests[-2]["path"] == "/api/pull"
+    assert fake_ollama.requests[-2]["body"]["model"] == "llava"
+
+    logs = pull_logs(caplog)
+    assert all(line.startswith("ollama: pulling llava: ") for line in logs)
+    for status in ["pulling manifest", "verifying sha256 digest", "writing manifest", "success"]:
+        assert f"ollama: pulling llava: {status}" in logs
+    # The weights come in 5 % steps (21 lines); the log keeps one per 10 %.
+    weights = [line for line in logs if "GB" in line]
+    percents = [int(m.group(1)) for line in weights if (m := re.search(r" (\d+)% of", line))]
+    assert percents == list(range(0, 101, 10))
+    assert weights[-1].endswith("100% of 3.8 GB")
+    # Small layers: their first line (0 %) and their last (100 %).
+    assert len(logs) == 4 + len(percents) + 3 * 2
+
+
+async def test_pull_model_defaults_to_the_configured_model(fake_ollama: FakeOllama) -> None:
+    provider = OllamaProvider(fake_ollama.url, model="phi3", timeout=5, connect_timeout=1)
+    try:
+        await provider.pull_model()
+        assert fake_ollama.has_model("phi3:latest")
+        assert await provider.has_model() is True
+    finally:
+        await provider.close()
+
+
+async def test_pull_of_an_unknown_model_is_model_not_found(
+    provider: OllamaProvider, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.pullable = {"llava:latest"}
+    with pytest.raises(ModelNotFound) as info:
+        await provider.pull_model("nosuchmodel")
+    assert PULL_NOT_FOUND in str(info.value)
+    assert "nosuchmodel" in str(info.value)
+    assert info.value.transient is False
+    assert await provider.has_model("nosuchmodel") is False
+
+
+async def test_pull_against_a_closed_port_is_unavailable_quickly() -> None:
+    provider = OllamaProvider(await closed_url(), model="llama2", timeout=60, connect_timeout=1)
+    started = time.monotonic()
+    try:
+        with pytest.raises(ProviderUnavailable) as info:
+            await provider.pull_model()
+    finally:
+        await provider.close()
+    assert time.monotonic() - started < 5
+    assert info.value.transient is True
+
+
+async def test_pull_waits_the_read_timeout_per_line_not_in_total(fake_ollama: FakeOllama) -> None:
+    """A pull lasting longer than the timeout succeeds while each line comes in time."""
+    provider = OllamaProvider(fake_ollama.url, model="llava", timeout=0.5, connect_timeout=1)
+    fake_ollama.pull_delay = 0.03  # ~30 lines: about 1 s in all
+    started = time.monotonic()
+    try:
+        await provider.pull_model()
+    finally:
+        await provider.close()
+    assert time.monotonic() - started > 0.5
+    assert fake_ollama.has_model("llava")
+
+
+async def test_pull_line_slower_than_the_timeout_is_provider_timeout(
+    fake_ollama: FakeOllama,
+) -> None:
+    provider = OllamaProvider(fake_ollama.url, model="llava", timeout=0.3, connect_timeout=1)
+    fake_ollama.pull_delay = 2.0
+    started = time.monotonic()
+    try:
+        with pytest.raises(ProviderTimeout):
+            await provider.pull_model()
+    finally:
+        await provider.close()
+    assert time.monotonic() - started < 1.5
+    assert not fake_ollama.has_model("llava")
+
+
+@pytest.fixture
+async def pull_server() -> AsyncIterator[str]:
+    """``/api/pull`` answers what the model name asks: ``http=<status>``, or ``cut`` (a
+    stream that ends without "success")."""
+    from aiohttp import web
+
+    async def pull(request: web.Request) -> web.StreamResponse:
+        model = str((await request.json())["model"])
+        if model.startswith("http="):
+            status = int(model.removeprefix("http=").split(":", 1)[0])
+            return web.json_response({"error": f"refused {status}"}, status=status)
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        await response.write(b'{"status":"pulling manifest"}\n')
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/api/pull", pull)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [
+        (400, ModelNotFound),
+        (404, ModelNotFound),
+        (429, RateLimited),
+        (500, ProviderUnavailable),
+        (503, ProviderUnavailable),
+    ],
+)
+async def test_pull_http_errors_are_translated(
+    pull_server: str, status: int, error: type[ProviderError]
+) -> None:
+    provider = OllamaProvider(pull_server, model="m", timeout=5, connect_timeout=1)
+    try:
+        with pytest.raises(error) as info:
+            await provider.pull_model(f"http={status}")
+    finally:
+        await provider.close()
+    assert type(info.value) is error
+    assert f"refused {status}" in str(info.value)
+
+
+async def test_pull_that_ends_before_success_is_unavailable(pull_server: str) -> None:
+    provider = OllamaProvider(pull_server, model="m", timeout=5, connect_timeout=1)
+    try:
+        with pytest.raises(ProviderUnavailable, match="ended before success"):
+            await provider.pull_model("cut")
+    finally:
+        await provider.close()
+
+
+def test_pull_progress_of_interleaved_layers_is_throttled_per_layer(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Should Ollama report two layers at once, each still logs once per step."""
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    progress = _PullProgress("m")
+    total = 1_000
+    for done in range(0, total + 1, 10):  # 1 % steps, alternating layers
+        progress.update("pulling aaa", "sha256:aaa", done, total)
+        progress.update("pulling bbb", "sha256:bbb", done, total)
+    progress.update("success", None, None, None)
+    logs = pull_logs(caplog)
+    assert len(logs) == 2 * (PULL_LOG_STEPS + 1) + 1
+    assert progress.succeeded is True
+
+
+async def test_pull_does_not_disturb_concurrent_chats(
+    provider: OllamaProvider, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.pull_delay = 0.01
+    pulled, [chunk] = await asyncio.gather(
+        provider.pull_model("llava"), collect(provider, request(), stream=False)
+    )
+    assert pulled is None
+    assert chunk.delta == ANSWER
