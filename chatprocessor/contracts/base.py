@@ -4,7 +4,23 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from pydantic import ValidationError
+
+from chatprocessor.core.errors import MessageTooLarge
 from chatprocessor.core.job import Job, Result
+
+
+def check_size(body: bytes, max_bytes: int) -> None:
+    """Refuse a body over the limit before anything parses it."""
+    if len(body) > max_bytes:
+        raise MessageTooLarge(f"message is {len(body)} bytes, over MAX_MESSAGE_BYTES={max_bytes}")
+
+
+def reasons(exc: ValidationError) -> str:
+    """A pydantic validation error as ``field: message; ...`` for a dead letter's reason."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in exc.errors()
+    )
 
 
 class Codec(Protocol):

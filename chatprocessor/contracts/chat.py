@@ -14,8 +14,9 @@ from typing import Any, Required, TypedDict
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
+from chatprocessor.contracts.base import check_size, reasons
 from chatprocessor.contracts.naming import Naming, any_case, rename
-from chatprocessor.core.errors import MalformedMessage, MessageTooLarge
+from chatprocessor.core.errors import MalformedMessage
 from chatprocessor.core.job import Job, Result
 
 #: Namespace for reply ids, so a reply's message_id is a pure function of its request.
@@ -137,10 +138,7 @@ class ChatCodec:
         correlation_id: str | None = None,
     ) -> Job:
         """Check size first, then JSON, then the schema; raise MessageRejected with the reason."""
-        if len(body) > self.max_bytes:
-            raise MessageTooLarge(
-                f"message is {len(body)} bytes, over MAX_MESSAGE_BYTES={self.max_bytes}"
-            )
+        check_size(body, self.max_bytes)
         try:
             data = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
@@ -152,11 +150,7 @@ class ChatCodec:
         try:
             prompt = UserPromptReceived.model_validate(data)
         except ValidationError as exc:
-            reasons = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}"
-                for err in exc.errors()
-            )
-            raise MalformedMessage(f"not a UserPromptReceived: {reasons}") from exc
+            raise MalformedMessage(f"not a UserPromptReceived: {reasons(exc)}") from exc
         options = prompt.options or ChatOptions()
         return Job(
             id=request_id(body, message_id),

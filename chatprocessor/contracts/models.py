@@ -22,8 +22,9 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from chatprocessor.contracts.base import check_size, reasons
 from chatprocessor.contracts.chat import request_id
-from chatprocessor.core.errors import MalformedMessage, MessageTooLarge, NotForUs
+from chatprocessor.core.errors import MalformedMessage, NotForUs
 from chatprocessor.core.job import Job, Result
 from chatprocessor.vision import prepare_image
 
@@ -73,19 +74,12 @@ class ModelsCodec:
         reply_to: str | None = None,
         correlation_id: str | None = None,
     ) -> Job:
-        if len(body) > self.max_bytes:
-            raise MessageTooLarge(
-                f"message is {len(body)} bytes, over MAX_MESSAGE_BYTES={self.max_bytes}"
-            )
+        check_size(body, self.max_bytes)
         data, key = _unwrap(body)
         try:
             request = ModelsRequest.model_validate(data)
         except ValidationError as exc:
-            reasons = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}"
-                for err in exc.errors()
-            )
-            raise MalformedMessage(f"not a models request: {reasons}") from exc
+            raise MalformedMessage(f"not a models request: {reasons(exc)}") from exc
         email = request.user_email.lower()
         if self.expected_user_email and email != self.expected_user_email:
             raise NotForUs(f"record for another user ({request.user_email})")
