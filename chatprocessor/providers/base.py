@@ -2,7 +2,9 @@
 
 ``chat`` yields chunks: with ``stream=True`` one per generated piece, else a
 single one; the last chunk has ``done=True`` and carries the token counts.
-Providers raise only the project's own ProviderError subclasses.
+``embed`` turns texts into one unit-length vector each (so a dot product is the
+cosine similarity, whichever provider answered). Providers raise only the
+project's own ProviderError subclasses.
 """
 
 from __future__ import annotations
@@ -39,14 +41,40 @@ class Chunk:
     provider: str | None = None
 
 
+@dataclass(slots=True)
+class Embeddings:
+    """The vectors of ``embed``: one per text, in the order of the texts."""
+
+    vectors: list[list[float]]
+    #: The model that made them: vectors of two models are not comparable.
+    model: str
+    #: Which provider answered ("ollama", "openai", ...): a router may fall back.
+    provider: str
+    prompt_tokens: int | None = None
+    #: True for MockProvider's made-up vectors: never to be stored as real ones.
+    mock: bool = False
+
+
 class Provider(Protocol):
     #: Short name used in logs and metrics ("ollama", "embedded", "mock").
     name: str
     #: The model used when a job names none.
     default_model: str
 
+    @property
+    def default_embedding_model(self) -> str:
+        """The model ``embed`` uses when the caller names none."""
+        ...
+
     def chat(self, request: ChatRequest, *, stream: bool = False) -> AsyncIterator[Chunk]:
         """Answer a conversation; see the module docstring."""
+        ...
+
+    async def embed(self, texts: list[str], *, model: str | None = None) -> Embeddings:
+        """One unit-length vector per text; model None: the provider's default embedding model.
+
+        No texts: an empty result, without asking the provider.
+        """
         ...
 
     async def list_models(self) -> list[str]:
@@ -86,3 +114,49 @@ def parse_retry_after(raw: str | None) -> float | None:
             return None
         return max(0.0, when.timestamp() - time.time())
     return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+def unit(vector: list[float]) -> list[float]:
+    """``vector`` scaled to length 1; returned as it is when it already is (or is all zeros)."""
+    norm = math.sqrt(math.fsum(x * x for x in vector))
+    if norm == 0.0 or abs(norm - 1.0) < 1e-6:
+        return vector
+    return [x / norm for x in vector]
+
+
+def mean_pool(tokens: list[list[float]]) -> list[float]:
+    """One vector for a text from one per token: their mean, dimension by dimension."""
+    count = len(tokens)
+    return [math.fsum(column) / count for column in zip(*tokens, strict=True)]
+
+
+def as_vectors(raw: Any, count: int) -> list[list[float]]:
+    """``count`` unit-length vectors from an answer's list of embeddings.
+
+    A text may come back as one vector per token (llama.cpp with a model that
+    declares no pooling, e.g. a chat model): those are mean-pooled. Raises ValueError
+    when the answer is not that shape, so callers report a bad answer, not a crash.
+    """
+    if not isinstance(raw, list) or len(raw) != count:
+        got = len(raw) if isinstance(raw, list) else type(raw).__name__
+        raise ValueError(f"expected {count} embeddings, got {got}")
+    vectors: list[list[float]] = []
+    for item in raw:
+        if not isinstance(item, list) or not item:
+            raise ValueError("an embedding is not a non-empty list of numbers")
+        if isinstance(item[0], list):
+            if not all(isinstance(token, list) and _numbers(token) for token in item):
+                raise ValueError("a per-token embedding is not lists of numbers")
+            try:
+                vectors.append(unit(mean_pool(item)))
+            except ValueError as exc:  # zip(strict=True): tokens of unequal length
+                raise ValueError(f"per-token vectors of unequal length ({exc})") from exc
+        elif _numbers(item):
+            vectors.append(unit([float(x) for x in item]))
+        else:
+            raise ValueError("an embedding is not a list of numbers")
+    return vectors
+
+
+def _numbers(values: list[Any]) -> bool:
+    return all(isinstance(x, int | float) and not isinstance(x, bool) for x in values)

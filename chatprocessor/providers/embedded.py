@@ -9,6 +9,20 @@ heartbeats, never waits on inference.
 Gemma 3 270M here is a base model, not instruction-tuned: it is prompted as a
 transcript and stopped at the next speaker's turn. It is for trying the
 service, not for real answers.
+
+Embeddings need a llama.cpp context made with ``embedding=True``, which cannot
+generate: a second Llama on the same file is loaded on the first ``embed`` (on
+the same thread, so chat and embeddings take turns and never load twice). The
+model's own pooling is kept (an embedding GGUF declares mean or CLS); Gemma
+declares none, and llama-cpp-python's per-token output is wrong for every text
+but the first of a batch (0.3.x offsets by tokens, not floats), so such a model
+is loaded again with mean pooling done by llama.cpp. Vectors are scaled to unit
+length, as Ollama's and OpenAI's are.
+
+llama.cpp still computes every token's logits in embedding mode: with Gemma's
+262k-token vocabulary that is over 1 MB and 0.3 GFLOP per token, so texts are
+cut to EMBEDDING_CONTEXT tokens (as Ollama cuts to its context), which bounds
+a call to about 0.7 GB more memory and a few seconds on two cores.
 """
 
 from __future__ import annotations
@@ -22,9 +36,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from chatprocessor.core.errors import BadRequest, ProviderUnavailable
+from chatprocessor.core.errors import BadRequest, ModelNotFound, ProviderUnavailable
 from chatprocessor.core.job import ChatMessage
-from chatprocessor.providers.base import ChatRequest, Chunk
+from chatprocessor.providers.base import ChatRequest, Chunk, Embeddings, as_vectors
 
 MODEL_NAME = "gemma3-270m"
 #: A base model stops making sense after its answer line, so one line is one answer.
@@ -39,6 +53,8 @@ EXAMPLES = (
     ("What is the capital of Japan?", "The capital of Japan is Tokyo."),
 )
 DEFAULT_TEMPERATURE = 0.2
+#: Longest text ``embed`` reads, in tokens (see the module docstring for the cost).
+EMBEDDING_CONTEXT = 512
 _DONE = object()
 
 
@@ -84,6 +100,7 @@ def transcript(messages: list[ChatMessage]) -> str:
 class EmbeddedProvider:
     name = "embedded"
     default_model = MODEL_NAME
+    default_embedding_model = MODEL_NAME
 
     def __init__(
         self,
@@ -98,10 +115,13 @@ class EmbeddedProvider:
         self._threads = threads or None
         self._max_tokens = max_tokens
         self._llama: Any = None
+        self._embedder: Any = None  # the second Llama, embedding=True, made on first embed
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedded-llm")
         self._load_lock = asyncio.Lock()
+        # Its own lock: a chat waiting for its (loaded) model must not queue behind this load.
+        self._embedder_lock = asyncio.Lock()
 
-    def _load_sync(self) -> Any:
+    def _load_sync(self, *, embedding: bool = False) -> Any:
         try:
             from llama_cpp import Llama
         except ImportError as exc:
@@ -112,14 +132,37 @@ class EmbeddedProvider:
         if not Path(path).is_file():
             raise ProviderUnavailable(f"EMBEDDED_MODEL_PATH {path} is not a file")
         try:
-            return Llama(
-                model_path=str(path),
-                n_ctx=self._context,
-                n_threads=self._threads,
-                verbose=False,
-            )
+            if not embedding:
+                return Llama(
+                    model_path=str(path),
+                    n_ctx=self._context,
+                    n_threads=self._threads,
+                    verbose=False,
+                )
+            return self._load_embedder(Llama, str(path))
         except (ValueError, RuntimeError) as exc:
             raise ProviderUnavailable(f"cannot load the embedded model {path}: {exc}") from exc
+
+    def _load_embedder(self, llama_class: Any, path: str) -> Any:
+        """The embedding Llama: pooling of the model's own, else mean (see the module)."""
+        from llama_cpp import LLAMA_POOLING_TYPE_MEAN, LLAMA_POOLING_TYPE_NONE
+
+        # A pooled text must fit one batch: batch = context, so only the context cuts it.
+        size = min(self._context, EMBEDDING_CONTEXT)
+        options: dict[str, Any] = {
+            "model_path": path,
+            "n_ctx": size,
+            "n_batch": size,
+            "n_ubatch": size,
+            "n_threads": self._threads,
+            "embedding": True,
+            "verbose": False,
+        }
+        embedder = llama_class(**options)
+        if embedder.pooling_type() != LLAMA_POOLING_TYPE_NONE:
+            return embedder
+        embedder.close()
+        return llama_class(**options, pooling_type=LLAMA_POOLING_TYPE_MEAN)
 
     async def _model(self) -> Any:
         async with self._load_lock:
@@ -127,6 +170,37 @@ class EmbeddedProvider:
                 loop = asyncio.get_running_loop()
                 self._llama = await loop.run_in_executor(self._executor, self._load_sync)
         return self._llama
+
+    async def _embedding_model(self) -> Any:
+        async with self._embedder_lock:
+            if self._embedder is None:
+                loop = asyncio.get_running_loop()
+                self._embedder = await loop.run_in_executor(
+                    self._executor, lambda: self._load_sync(embedding=True)
+                )
+        return self._embedder
+
+    async def embed(self, texts: list[str], *, model: str | None = None) -> Embeddings:
+        if model and model != MODEL_NAME:
+            raise ModelNotFound(f"embedded provider only has {MODEL_NAME!r}, not {model!r}")
+        if not texts:
+            return Embeddings([], model=MODEL_NAME, provider=self.name, prompt_tokens=0)
+        embedder = await self._embedding_model()
+        loop = asyncio.get_running_loop()
+        try:
+            answer = await loop.run_in_executor(
+                self._executor, lambda: embedder.create_embedding(list(texts))
+            )
+            data = sorted(answer["data"], key=lambda item: item["index"])
+            vectors = as_vectors([item["embedding"] for item in data], len(texts))
+        except (ValueError, RuntimeError, KeyError, TypeError) as exc:
+            raise ProviderUnavailable(f"embedded model cannot embed: {exc}") from exc
+        return Embeddings(
+            vectors,
+            model=MODEL_NAME,
+            provider=self.name,
+            prompt_tokens=answer.get("usage", {}).get("prompt_tokens"),
+        )
 
     async def chat(self, request: ChatRequest, *, stream: bool = False) -> AsyncIterator[Chunk]:
         if request.model and request.model != MODEL_NAME:
@@ -205,4 +279,4 @@ class EmbeddedProvider:
 
     async def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
-        self._llama = None
+        self._llama = self._embedder = None

@@ -1,16 +1,39 @@
-"""A deterministic provider for development and tests; its answers say they are mock."""
+"""A deterministic provider for development and tests; its answers say they are mock.
+
+Its embeddings are made up from a hash of each text: equal texts get equal
+vectors, others unrelated ones (no meaning at all). The result is marked
+``mock=True`` so nobody stores them as real vectors.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import math
 import re
 from collections.abc import AsyncIterator
 
-from chatprocessor.providers.base import ChatRequest, Chunk
+from chatprocessor.providers.base import ChatRequest, Chunk, Embeddings
+
+#: Dimensions of a mock vector: enough to tell texts apart, small enough to read in a log.
+MOCK_DIMENSIONS = 16
+
+
+def mock_vector(text: str, dimensions: int = MOCK_DIMENSIONS) -> list[float]:
+    """A unit-length vector from sha256(text): stable across runs, machines and Python versions
+    (``hash()`` is salted per process)."""
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    while len(digest) < 2 * dimensions:
+        digest += hashlib.sha256(digest).digest()
+    values = [int.from_bytes(digest[i : i + 2], "big") for i in range(0, 2 * dimensions, 2)]
+    raw = [value / 32767.5 - 1.0 for value in values]
+    norm = math.sqrt(math.fsum(v * v for v in raw)) or 1.0
+    return [v / norm for v in raw]
 
 
 class MockProvider:
     name = "mock"
     default_model = "mock"
+    default_embedding_model = "mock-embedding"
 
     def answer(self, request: ChatRequest) -> str:
         prompt = request.messages[-1].content if request.messages else ""
@@ -40,6 +63,15 @@ class MockProvider:
                 prompt_tokens=prompt_tokens,
                 completion_tokens=len(pieces),
             )
+
+    async def embed(self, texts: list[str], *, model: str | None = None) -> Embeddings:
+        return Embeddings(
+            [mock_vector(text) for text in texts],
+            model=model or self.default_embedding_model,
+            provider=self.name,
+            prompt_tokens=sum(len(text.split()) for text in texts),
+            mock=True,
+        )
 
     async def list_models(self) -> list[str]:
         return [self.default_model]

@@ -1,4 +1,5 @@
-"""Ollama: chat (``POST /api/chat``) on aiohttp, listing and pulling models through ``ollama``.
+"""Ollama: chat (``POST /api/chat``) and embeddings (``POST /api/embed``) on aiohttp, listing
+and pulling models through ``ollama``.
 
 The chat call, made for every job, talks HTTP with aiohttp directly: under the
 official ``ollama`` client, httpx's request building, cookie jar and pydantic
@@ -12,6 +13,10 @@ Connecting fails fast (OLLAMA_CONNECT_TIMEOUT); reading waits OLLAMA_TIMEOUT
 between bytes. An ``{"error": ...}`` line in the middle of a stream is a
 failure, never a short answer; a 429 becomes RateLimited with the seconds of
 its Retry-After header.
+
+Embeddings go through ``/api/embed`` on the same session (the deprecated
+``/api/embeddings`` takes one text per call): one request for all the texts,
+vectors already of unit length; an unknown model is ModelNotFound, as in chat.
 
 Images ride in each message (``"images": [base64, ...]``) and structured output in
 ``format``, as Ollama's API has them. A pull (``POST /api/pull``) may take minutes:
@@ -38,7 +43,14 @@ from chatprocessor.core.errors import (
     ProviderUnavailable,
     RateLimited,
 )
-from chatprocessor.providers.base import ChatRequest, Chunk, parse_retry_after, same_model
+from chatprocessor.providers.base import (
+    ChatRequest,
+    Chunk,
+    Embeddings,
+    as_vectors,
+    parse_retry_after,
+    same_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +58,8 @@ log = logging.getLogger(__name__)
 PROBE_TIMEOUT = 5.0
 #: Connections kept open to Ollama (aiohttp's default; more requests wait for one).
 CONNECTIONS = 100
+#: The embedding model used when the caller names none (Ollama's most pulled one).
+DEFAULT_EMBEDDING_MODEL = "nomic-embed-text"
 #: A pull logs a layer's progress once per this many steps (10: every 10 %), plus each new status.
 PULL_LOG_STEPS = 10
 
@@ -95,9 +109,11 @@ class OllamaProvider:
         model: str,
         timeout: float = 300.0,
         connect_timeout: float = 5.0,
+        embedding_model: str = DEFAULT_EMBEDDING_MODEL,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.default_model = model
+        self.default_embedding_model = embedding_model
         self._read_timeout = timeout
         self._connect_timeout = connect_timeout
         self._timeout = aiohttp.ClientTimeout(
@@ -186,6 +202,37 @@ class OllamaProvider:
             raise translate(exc, model) from exc
         if not finished:
             raise ProviderUnavailable("ollama: stream ended before done")
+
+    async def embed(self, texts: list[str], *, model: str | None = None) -> Embeddings:
+        model = model or self.default_embedding_model
+        if not texts:
+            return Embeddings([], model=model, provider=self.name, prompt_tokens=0)
+        body = orjson.dumps({"model": model, "input": texts})
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        try:
+            async with self._http().post(
+                f"{self.base_url}/api/embed", data=body, headers=headers
+            ) as response:
+                if response.status >= 400:
+                    raise http_error(
+                        response.status,
+                        _error_text(await response.read(), response.reason),
+                        model,
+                        parse_retry_after(response.headers.get("Retry-After")),
+                    )
+                answer = orjson.loads(await response.read())
+                if not isinstance(answer, dict):
+                    raise ValueError(f"an embed answer is an object, not {type(answer).__name__}")
+                vectors = as_vectors(answer.get("embeddings"), len(texts))
+        except _CLIENT_ERRORS as exc:
+            raise translate(exc, model) from exc
+        tokens = answer.get("prompt_eval_count")
+        return Embeddings(
+            vectors,
+            model=str(answer.get("model") or model),
+            provider=self.name,
+            prompt_tokens=tokens if isinstance(tokens, int) else None,
+        )
 
     async def list_models(self) -> list[str]:
         try:

@@ -6,6 +6,12 @@ through its delay queues, so a retry inside the client would double the wait
 and hide failures from the circuit breaker. A 429's ``Retry-After`` travels on
 in RateLimited. A stream that stops before a ``finish_reason`` is a failure,
 never a short answer.
+
+Embeddings go through ``embeddings.create`` with the client's default
+encoding (it asks for base64 and decodes it: a quarter of the bytes of JSON
+floats; servers that ignore it answer floats, which it passes through).
+llama_cpp.server with a model that declares no pooling answers one vector per
+token: those are mean-pooled here, as the embedded provider does.
 """
 
 from __future__ import annotations
@@ -25,13 +31,21 @@ from chatprocessor.core.errors import (
     ProviderUnavailable,
     RateLimited,
 )
-from chatprocessor.providers.base import ChatRequest, Chunk, parse_retry_after
+from chatprocessor.providers.base import (
+    ChatRequest,
+    Chunk,
+    Embeddings,
+    as_vectors,
+    parse_retry_after,
+)
 
 if TYPE_CHECKING:
     from openai.types.chat import ChatCompletionMessageParam
 
 #: Health probes (/ready, start-up, check) must not wait OPENAI_TIMEOUT on a hung server.
 PROBE_TIMEOUT = 5.0
+#: The embedding model used when the caller names none (OpenAI's cheapest current one).
+DEFAULT_EMBEDDING_MODEL = "text-embedding-3-small"
 #: The client insists on a key; local servers (Ollama, llama_cpp.server) ignore it.
 NO_KEY = "unused"
 # openai 3.x (on httpx2) wraps transport errors met while reading a stream in its
@@ -93,9 +107,11 @@ class OpenAIProvider:
         model: str,
         timeout: float = 300.0,
         connect_timeout: float = 5.0,
+        embedding_model: str = DEFAULT_EMBEDDING_MODEL,
     ) -> None:
         self.base_url = base_url
         self.default_model = model
+        self.default_embedding_model = embedding_model
         self._client = openai.AsyncOpenAI(
             base_url=base_url,
             api_key=api_key or NO_KEY,
@@ -165,6 +181,27 @@ class OpenAIProvider:
             model=used,
             prompt_tokens=usage.prompt_tokens if usage else None,
             completion_tokens=usage.completion_tokens if usage else None,
+        )
+
+    async def embed(self, texts: list[str], *, model: str | None = None) -> Embeddings:
+        model = model or self.default_embedding_model
+        if not texts:  # the API refuses an empty input list
+            return Embeddings([], model=model, provider=self.name, prompt_tokens=0)
+        try:
+            response = await self._client.embeddings.create(model=model, input=texts)
+            # Sorted by index: a server may answer in completion order. The client builds
+            # answers without validation, so fields a lax server leaves out are read with
+            # getattr.
+            data = sorted(response.data, key=lambda item: getattr(item, "index", None) or 0)
+            vectors = as_vectors([item.embedding for item in data], len(texts))
+        except _CLIENT_ERRORS as exc:
+            raise translate(exc, model) from exc
+        usage = getattr(response, "usage", None)
+        return Embeddings(
+            vectors,
+            model=getattr(response, "model", None) or model,
+            provider=self.name,
+            prompt_tokens=usage.prompt_tokens if usage else None,
         )
 
     async def list_models(self) -> list[str]:

@@ -25,6 +25,11 @@ the router goes on and finally raises the earlier transient error, or
 CircuitOpen (transient, with the shortest remaining cool-down as retry_after)
 when the others were all skipped: the job is retried once a breaker may let it
 through, instead of being dead-lettered.
+
+``embed`` follows the same rules through the same breakers (a provider that is
+down is down for both). Each provider uses its own default embedding model
+unless the caller names one, so the result names the provider and model that
+answered: vectors of different models are not comparable.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import pybreaker
 
 from chatprocessor.core.errors import CircuitOpen, ModelNotFound, ProviderError
 from chatprocessor.ops import metrics
-from chatprocessor.providers.base import ChatRequest, Chunk, Provider
+from chatprocessor.providers.base import ChatRequest, Chunk, Embeddings, Provider
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +105,11 @@ class RouterProvider:
         for provider in providers:
             metrics.BREAKER_STATE.labels(provider.name).set(0)
 
+    @property
+    def default_embedding_model(self) -> str:
+        """The first provider's, read on use: a provider without embeddings still routes chat."""
+        return self.providers[0].default_embedding_model
+
     def breaker_states(self) -> dict[str, str]:
         """Provider name -> "closed", "open" or "half-open" (for /health and tests).
 
@@ -148,6 +158,48 @@ class RouterProvider:
                 if exc.transient:
                     last = exc
                 log.warning("provider %s failed (%s)", provider.name, exc)
+            if index + 1 < count:
+                metrics.FALLBACKS.labels(provider.name).inc()
+                log.warning("trying provider %s", self.providers[index + 1].name)
+        if last is not None:
+            raise last
+        raise CircuitOpen(
+            f"no provider answered; circuit breaker open: {', '.join(skipped)}",
+            retry_after=self._cool_down_left(skipped),
+        )
+
+    async def embed(self, texts: list[str], *, model: str | None = None) -> Embeddings:
+        """As ``chat`` without streams: the first provider that answers gives the vectors."""
+        last: ProviderError | None = None  # the last transient failure
+        skipped: list[str] = []  # breaker open (or its trial call running)
+        count = len(self.providers)
+        for index, (provider, breaker) in enumerate(
+            zip(self.providers, self.breakers, strict=True)
+        ):
+            try:
+                if breaker.current_state == pybreaker.STATE_HALF_OPEN and index in self._probing:
+                    raise pybreaker.CircuitBreakerError("trial call already running")
+                with breaker.calling():
+                    probe = breaker.current_state == pybreaker.STATE_HALF_OPEN
+                    if probe:
+                        self._probing.add(index)
+                    try:
+                        result = await provider.embed(texts, model=model)
+                    finally:
+                        if probe:
+                            self._probing.discard(index)
+                result.provider = result.provider or provider.name
+                return result
+            except pybreaker.CircuitBreakerError:
+                log.info("provider %s skipped: its circuit breaker is open", provider.name)
+                skipped.append(provider.name)
+            except ProviderError as exc:
+                metrics.PROVIDER_FAILURES.labels(provider.name, type(exc).__name__).inc()
+                if not (exc.transient or last is not None or skipped):
+                    raise
+                if exc.transient:
+                    last = exc
+                log.warning("provider %s failed to embed (%s)", provider.name, exc)
             if index + 1 < count:
                 metrics.FALLBACKS.labels(provider.name).inc()
                 log.warning("trying provider %s", self.providers[index + 1].name)

@@ -4,8 +4,9 @@ It speaks the same REST protocol as Ollama (``/api/chat``, ``/api/generate``,
 ``/api/embed``, ``/api/tags``, ``/api/pull``, ``/api/version``, ``/``), so the
 official ``ollama`` client and our own providers can be pointed at ``fake.url``.
 Like Ollama it also serves the OpenAI API under ``/v1`` (``/v1/models``,
-``/v1/chat/completions``, JSON or SSE), for the official ``openai`` client at
-``fake.url + "/v1"``; its errors there have OpenAI's ``{"error": {...}}`` shape.
+``/v1/chat/completions``, JSON or SSE, ``/v1/embeddings``, floats or base64),
+for the official ``openai`` client at ``fake.url + "/v1"``; its errors there
+have OpenAI's ``{"error": {...}}`` shape.
 
 Usage::
 
@@ -37,6 +38,7 @@ import json
 import math
 import re
 import string
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -298,6 +300,7 @@ class FakeOllama:
         app.router.add_post("/api/pull", self._handle_pull)
         app.router.add_get("/v1/models", self._handle_openai_models)
         app.router.add_post("/v1/chat/completions", self._handle_openai_chat)
+        app.router.add_post("/v1/embeddings", self._handle_openai_embeddings)
         # handler_cancellation: a client that gives up frees its slot, as in Ollama.
         runner = web.AppRunner(
             app, handler_cancellation=True, shutdown_timeout=1.0, access_log=None
@@ -340,7 +343,7 @@ class FakeOllama:
         body: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
-        """Make the next ``n`` chat/generate requests answer ``status`` with ``{"error": body}``.
+        """Make the next ``n`` inference requests answer ``status`` with ``{"error": body}``.
 
         ``headers`` are added to those answers (e.g. ``retry-after-ms``).
         """
@@ -354,7 +357,7 @@ class FakeOllama:
         self._mid_stream_remaining = n
 
     def hang_next(self, n: int) -> None:
-        """Make the next ``n`` chat/generate requests never answer (until stop/disconnect)."""
+        """Make the next ``n`` inference requests never answer (until stop/disconnect)."""
         self._hang_remaining = n
 
     def reset(self) -> None:
@@ -699,35 +702,94 @@ class FakeOllama:
         return response
 
     async def _handle_embed(self, request: web.Request) -> web.Response:
-        """``POST /api/embed``: deterministic 8-dimensional vectors."""
+        """``POST /api/embed``: deterministic unit vectors (8 dimensions, or ``dimensions``).
+
+        As in Ollama: ``input`` is a string or a list of strings (else 400, checked before
+        the model); an empty string or no input answers no vectors; then the model check
+        (404), the queue, latency and injected faults.
+        """
         started = time.perf_counter_ns()
         body = await self._read_json(request)
         if isinstance(body, web.Response):
             return body
+        texts = _embed_input(body.get("input"))
+        if isinstance(texts, web.Response):
+            return texts
         if (error := self._check_model(body)) is not None:
             return error
-        raw_input = body.get("input", "")
-        if isinstance(raw_input, str):
-            texts = [raw_input]
-        elif isinstance(raw_input, list) and all(isinstance(t, str) for t in raw_input):
-            texts = list(raw_input)
-        else:
-            return _error(400, "invalid input type")
+        answer = await self._embed(texts, body.get("dimensions"), started)
+        if isinstance(answer, web.Response):
+            return answer
+        return web.json_response({"model": str(body["model"]), **answer})
+
+    async def _embed(
+        self, texts: list[str], dimensions: Any, started: int, *, openai: bool = False
+    ) -> JSONDict | web.Response:
+        """The shared embed pipeline: queue, latency, injected fault, then Ollama's answer."""
+        fault = self._take_fault(False)
         await self._acquire()
         try:
             if self.latency > 0:
                 await asyncio.sleep(self.latency)
-            return web.json_response(
-                {
-                    "model": str(body["model"]),
-                    "embeddings": [fake_embedding(t) for t in texts],
-                    "total_duration": time.perf_counter_ns() - started,
-                    "load_duration": 1_000,
-                    "prompt_eval_count": sum(_word_count(t) for t in texts),
-                }
-            )
+            if fault is _Fault.HANG:
+                return await self._hang()
+            if fault is _Fault.FAIL:
+                return self._injected_error(openai=openai)
+            size = _EMBED_DIM
+            if isinstance(dimensions, int) and not isinstance(dimensions, bool) and dimensions > 0:
+                size = dimensions  # Ollama cuts and renormalises; the fake makes them that long
+            return {
+                "embeddings": [fake_embedding(t, size) for t in texts],
+                "total_duration": time.perf_counter_ns() - started,
+                "load_duration": 1_000,
+                "prompt_eval_count": sum(_word_count(t) for t in texts),
+            }
         finally:
             self._release()
+
+    async def _handle_openai_embeddings(self, request: web.Request) -> web.Response:
+        """``POST /v1/embeddings``: the embed pipeline with OpenAI's shapes, as Ollama's ``/v1``.
+
+        ``input`` "" means [""]; no input or [] is a 400; ``encoding_format`` is "float"
+        (default) or "base64" (little-endian float32, what the ``openai`` client asks for).
+        """
+        started = time.perf_counter_ns()
+        body = await self._read_json(request)
+        if isinstance(body, web.Response):
+            return _as_openai_error(body)
+        encoding = body.get("encoding_format") or "float"
+        if not isinstance(encoding, str) or encoding.lower() not in {"float", "base64"}:
+            message = (
+                f"Invalid value for 'encoding_format' = {encoding}. "
+                "Supported values: ['float', 'base64']."
+            )
+            return _openai_error(400, message)
+        raw_input = body.get("input")
+        if raw_input == "":
+            raw_input = [""]
+        if raw_input is None or raw_input == []:
+            return _openai_error(400, "invalid input")
+        texts = _embed_input(raw_input)
+        if isinstance(texts, web.Response):
+            return _as_openai_error(texts)
+        if (error := self._check_model(body)) is not None:
+            return _as_openai_error(error)
+        model = str(body["model"])
+        answer = await self._embed(texts, body.get("dimensions"), started, openai=True)
+        if isinstance(answer, web.Response):
+            return answer
+        base64_wanted = encoding.lower() == "base64"
+        data = [
+            {
+                "object": "embedding",
+                "embedding": _float32_base64(vector) if base64_wanted else vector,
+                "index": i,
+            }
+            for i, vector in enumerate(answer["embeddings"])
+        ]
+        tokens = answer["prompt_eval_count"]
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return web.json_response({"object": "list", "data": data, "model": model, "usage": usage})
 
     async def _handle_pull(self, request: web.Request) -> web.StreamResponse:
         """``POST /api/pull``: Ollama's progress lines, then the model is listed.
@@ -830,6 +892,23 @@ def _structured(fmt: Any) -> bool | web.Response:
         return True
     message = f'invalid format: {json.dumps(fmt)}; expected "json" or a valid JSON Schema object'
     return _error(500, message)
+
+
+def _embed_input(raw: Any) -> list[str] | web.Response:
+    """``input`` of an embed request as Ollama reads it: a string (none when empty) or a
+    list of strings; anything else is its 400."""
+    if raw is None or raw == "":
+        return []
+    if isinstance(raw, str):
+        return [raw]
+    if isinstance(raw, list) and all(isinstance(t, str) for t in raw):
+        return list(raw)
+    return _error(400, "invalid input type")
+
+
+def _float32_base64(vector: list[float]) -> str:
+    """OpenAI's base64 encoding of a vector: little-endian float32, as Ollama writes it."""
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
 
 
 def _line(obj: JSONDict) -> bytes:
