@@ -6,15 +6,13 @@ without pooling, give what the embedded provider gives for the same model."""
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from chatprocessor.providers.embedded import EmbeddedProvider, bundled_model_path
+from chatprocessor.providers.embedded import EmbeddedProvider
 from chatprocessor.providers.openai import OpenAIProvider
-from tests.integration.test_openai_llama_server import free_port, wait_until_listing
+from tests.integration.test_openai_llama_server import llama_server
 
 pytestmark = [pytest.mark.embedded, pytest.mark.timeout(180)]
 
@@ -23,38 +21,9 @@ TEXT = "The capital of France is Paris."
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    """llama_cpp.server in embedding mode (its setting ``embedding``) on a free port; yields
-    its /v1 URL and the model name it lists."""
-    port = free_port()
-    # llama.cpp logs >100 KB while loading: a pipe nobody reads would block the server.
-    log_path = tmp_path_factory.mktemp("llama_server") / "server.log"
-    command = [
-        sys.executable,
-        "-m",
-        "llama_cpp.server",
-        "--model",
-        str(bundled_model_path()),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--n_ctx",
-        "512",
-        "--embedding",
-        "true",
-    ]
-    url = f"http://127.0.0.1:{port}/v1"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            yield url, wait_until_listing(process, url, log_path)
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    """llama_cpp.server in embedding mode (its setting ``embedding``)."""
+    with llama_server(tmp_path_factory.mktemp("llama_server"), "--embedding", "true") as s:
+        yield s
 
 
 @pytest.fixture

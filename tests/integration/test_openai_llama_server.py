@@ -3,6 +3,7 @@ Gemma 3 270M (offline). Proves the adapter speaks what real servers speak, not j
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
@@ -47,30 +48,15 @@ def wait_until_listing(process: subprocess.Popen[bytes], url: str, log_path: Pat
     pytest.fail(f"llama_cpp.server did not answer on {url} in {START_TIMEOUT} s")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    """Start llama_cpp.server on a free port; once /v1/models answers, yield its /v1 URL
-    and the model name it lists."""
+@contextlib.contextmanager
+def llama_server(log_dir: Path, *options: str) -> Iterator[tuple[str, str]]:
+    """``python -m llama_cpp.server`` with the bundled model and ``options`` on a free port;
+    once /v1/models answers, yields its /v1 URL and the model name it lists."""
     port = free_port()
     # llama.cpp logs >100 KB while loading: a pipe nobody reads would block the server.
-    log_path = tmp_path_factory.mktemp("llama_server") / "server.log"
-    command = [
-        sys.executable,
-        "-m",
-        "llama_cpp.server",
-        "--model",
-        str(bundled_model_path()),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--n_ctx",
-        "512",
-        # The GGUF carries no chat template; with the llama-2 fallback this base model
-        # answers nothing at all.
-        "--chat_format",
-        "gemma",
-    ]
+    log_path = log_dir / "server.log"
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(bundled_model_path())]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--n_ctx", "512", *options]
     url = f"http://127.0.0.1:{port}/v1"
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -83,6 +69,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    # The GGUF carries no chat template; with the llama-2 fallback this base model
+    # answers nothing at all.
+    with llama_server(tmp_path_factory.mktemp("llama_server"), "--chat_format", "gemma") as s:
+        yield s
 
 
 @pytest.fixture
