@@ -35,6 +35,8 @@ class Job:
     format: str | dict[str, Any] | None = None
     #: What a door needs to shape its reply (e.g. seed 001's user_email and request kind).
     meta: dict[str, Any] = field(default_factory=dict)
+    #: "chat" (a conversation for the LLM), or a task type of chatprocessor/tasks.py.
+    kind: str = "chat"
 
     def messages(self, default_system_prompt: str = "") -> list[ChatMessage]:
         """The conversation sent to the model: optional system prompt, then the user's turn."""

@@ -42,8 +42,10 @@ from chatprocessor.core.retry import MAX_WAIT, RetryPolicy
 from chatprocessor.ops import metrics
 from chatprocessor.ops.logging import conversation_id_var
 from chatprocessor.providers.base import ChatRequest, Provider, same_model
+from chatprocessor.ratelimit import RateLimiter
 from chatprocessor.sanitize import repair_prompt, sanitize
 from chatprocessor.stores.replies import NoReplyStore, ReplyStore, StoredReply
+from chatprocessor.tasks import run_task
 from chatprocessor.transports.base import (
     FAILED,
     INTERNAL_ERROR,
@@ -92,8 +94,11 @@ class Worker:
         codec: Codec,
         config: WorkerConfig,
         store: ReplyStore | None = None,
+        *,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.transport = transport
+        self.limiter = limiter
         self.provider = provider
         self.codec = codec
         self.config = config
@@ -307,7 +312,10 @@ class Worker:
         )
         log.debug("prompt: %s", job.prompt)
         try:
-            result = await self._answer(job, delivery.attempt)
+            if job.kind != "chat":
+                result = await self._run_task(job)
+            else:
+                result = await self._answer(job, delivery.attempt)
             if job.format is not None:
                 result = await self._as_json(job, result, delivery.attempt)
         except ProviderError as exc:
@@ -441,6 +449,21 @@ class Worker:
             metrics.DUPLICATES.inc()
             return _outgoing(kept)
         return message
+
+    async def _run_task(self, job: Job) -> Result:
+        """A task of the task API door (chatprocessor/tasks.py), within JOB_TIMEOUT."""
+        if self.limiter is not None:
+            await self.limiter.acquire()  # over a rate limit the task waits, it never fails
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.config.job_timeout):
+                result = await run_task(self.provider, job)
+        except TimeoutError as exc:
+            raise ProviderTimeout(
+                f"no result within JOB_TIMEOUT ({self.config.job_timeout:g}s)"
+            ) from exc
+        result.latency_ms = _ms_since(started)
+        return result
 
     async def _as_json(self, job: Job, result: Result, attempt: int) -> Result:
         """The answer as compact JSON (sanitize.py), the model asked once more if it gave none."""
