@@ -24,6 +24,10 @@ from chatprocessor.core.errors import ImageRejected
 
 #: Formats Pillow may parse. Common photo and screenshot formats only: each extra plugin is
 #: more parser code run on hostile bytes (TIFF, ICO, PSD, ... are refused, never parsed).
+#: Largest canvas decoded (40 MP: any phone photo): every decoded copy of a bigger one
+#: costs hundreds of MB, whatever the size of its file.
+MAX_PIXELS = 40_000_000
+
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP"})
 
 #: Formats sent to the model as they came: the only ones every Ollama runner decodes (WEBP,
@@ -87,6 +91,11 @@ def prepare_image(data: str, *, max_bytes: int, max_side: int = 0) -> str:
             with Image.open(io.BytesIO(raw), formats=_PARSE_ORDER) as probe:
                 probe.verify()  # structure and checksums; the object is unusable afterwards
             with Image.open(io.BytesIO(raw), formats=_PARSE_ORDER) as im:
+                # A small file can declare a huge canvas: refuse before decoding a pixel.
+                if im.width * im.height > MAX_PIXELS:
+                    raise ImageRejected(
+                        f"image has too many pixels: {im.width}x{im.height}, over {MAX_PIXELS}"
+                    )
                 im.load()  # decodes every pixel: catches truncation that verify() misses
                 return _finish(im, raw, max_side)
     except ImageRejected:

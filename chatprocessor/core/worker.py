@@ -29,6 +29,7 @@ from chatprocessor.contracts.chat import body_digest, reply_message_id
 from chatprocessor.core.errors import (
     BrokerUnavailable,
     CircuitOpen,
+    InvalidModelOutput,
     MessageRejected,
     NotForUs,
     ProviderError,
@@ -479,7 +480,11 @@ class Worker:
             return (await self._answer(job, attempt, conversation)).text
 
         value = await sanitize(result.text, schema=schema, repair=repair)
-        return dataclasses.replace(result, text=orjson.dumps(value).decode())
+        try:
+            text = orjson.dumps(value).decode()
+        except (TypeError, orjson.JSONEncodeError) as exc:  # e.g. an integer over 64 bits
+            raise InvalidModelOutput(f"the answer's JSON cannot be sent on: {exc}") from exc
+        return dataclasses.replace(result, text=text)
 
     async def _answer(
         self, job: Job, attempt: int = 0, messages: list[ChatMessage] | None = None

@@ -91,6 +91,7 @@ def translate(exc: BaseException, model: str) -> ProviderError:
 # ValueError covers a body that is not Ollama's JSON (orjson's and pydantic's errors derive).
 _CLIENT_ERRORS = (
     aiohttp.ClientError,
+    aiohttp.http_exceptions.HttpProcessingError,  # e.g. LineTooLong in a stream
     asyncio.TimeoutError,
     ollama.ResponseError,
     httpx.HTTPError,
@@ -162,6 +163,8 @@ class OllamaProvider:
 
     @staticmethod
     def _chunk(part: Mapping[str, Any], model: str) -> Chunk:
+        if not isinstance(part, Mapping):
+            raise ProviderUnavailable(f"ollama: expected a JSON object, got {type(part).__name__}")
         if "error" in part:
             raise ProviderUnavailable(f"ollama: error during generation: {part['error']}")
         done = bool(part.get("done"))
@@ -284,7 +287,8 @@ class OllamaProvider:
 
     async def close(self) -> None:
         if self._session is not None:
-            await self._session.close()
+            session, self._session = self._session, None
+            await session.close()
         await self._probe.close()  # type: ignore[no-untyped-call]
 
 

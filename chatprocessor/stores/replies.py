@@ -102,6 +102,7 @@ class SQLiteReplyStore:
         self._db: sqlite3.Connection | None = None  # the loop's: fails at once when locked
         self._waiting_db: sqlite3.Connection | None = None  # the thread's: waits for locks
         self._opening = asyncio.Lock()
+        self._closed = False
         self._reads: _TurnBatch[str] = _TurnBatch(self._read_all, spacing=READ_SPACING)
         self._writes: _TurnBatch[tuple[str, bytes]] = _TurnBatch(
             self._write_all, spacing=WRITE_SPACING
@@ -148,6 +149,8 @@ class SQLiteReplyStore:
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
     async def _loop_db(self) -> sqlite3.Connection:
+        if self._closed:
+            raise StoreUnavailable(f"reply store {self.path} is closed")
         if self._db is None:
             async with self._opening:
                 if self._db is None:
@@ -186,6 +189,7 @@ class SQLiteReplyStore:
     async def close(self) -> None:
         await self._reads.close()
         await self._writes.close()
+        self._closed = True
         if self._upkeep is not None:
             await asyncio.gather(self._upkeep, return_exceptions=True)
         if self._db is not None:
@@ -237,14 +241,16 @@ def _store_all(
     db: sqlite3.Connection, items: list[tuple[str, bytes]], now: float, ttl: float
 ) -> list[bytes | None]:
     """``_store`` for each item, in one transaction; nothing is written if one fails."""
+    if db.in_transaction:  # a failed COMMIT earlier must not keep the write lock
+        db.execute("ROLLBACK")
     db.execute("BEGIN IMMEDIATE")  # takes the write lock now, or fails at once (BUSY)
     try:
         kept = [_store(db, key, blob, now, ttl) for key, blob in items]
+        db.execute("COMMIT")
     except BaseException:
         with contextlib.suppress(sqlite3.Error):
             db.execute("ROLLBACK")
         raise
-    db.execute("COMMIT")
     return kept
 
 
@@ -279,6 +285,7 @@ class _TurnBatch(Generic[Item]):
         self._last = -math.inf
         self._waiting: list[tuple[Item, asyncio.Future[bytes | None]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._timer: asyncio.TimerHandle | None = None
 
     async def submit(self, item: Item) -> bytes | None:
         loop = asyncio.get_running_loop()
@@ -287,12 +294,13 @@ class _TurnBatch(Generic[Item]):
         if len(self._waiting) == 1:
             delay = self._last + self._spacing - loop.time()
             if delay > 0:
-                loop.call_later(delay, self._start)
+                self._timer = loop.call_later(delay, self._start)
             else:
                 self._start()
         return await future
 
     def _start(self) -> None:
+        self._timer = None
         self._last = asyncio.get_running_loop().time()
         task = asyncio.create_task(self._flush())
         self._tasks.add(task)
@@ -302,16 +310,23 @@ class _TurnBatch(Generic[Item]):
         batch, self._waiting = self._waiting, []
         try:
             results = await self._serve([item for item, _ in batch])
-        except StoreUnavailable as exc:
+        except BaseException as exc:  # whatever it was, no request of the batch waits forever
+            error = exc if isinstance(exc, StoreUnavailable) else StoreUnavailable(repr(exc))
             for _, future in batch:
                 if not future.done():
-                    future.set_exception(exc)
+                    future.set_exception(error)
+            if not isinstance(exc, Exception):
+                raise
             return
         for (_, future), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)
 
     async def close(self) -> None:
+        """Serve what waits for a timer now, then wait for every batch."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._start()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 

@@ -24,7 +24,10 @@ def build_transport(settings: Settings) -> Transport:
         from chatprocessor.transports.kafka import AIOKafkaClients, KafkaTransport
 
         return KafkaTransport(
-            AIOKafkaClients(settings.bootstrap_server), group_id=settings.consumer_group
+            AIOKafkaClients(
+                settings.bootstrap_server, max_poll_interval=settings.job_timeout + 300
+            ),
+            group_id=settings.consumer_group,
         )
     from chatprocessor.transports.local import LocalTransport
 

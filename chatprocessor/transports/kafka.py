@@ -34,6 +34,7 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any, Protocol
 
 from chatprocessor.core.errors import BrokerUnavailable, PublishFailed
+from chatprocessor.core.retry import MAX_WAIT
 from chatprocessor.transports.base import (
     RETRY_AT_HEADER,
     DeadLetter,
@@ -72,9 +73,13 @@ class KafkaClients(Protocol):
 class AIOKafkaClients:
     """The real clients; BOOTSTRAP_SERVER is a comma-separated host:port list."""
 
-    def __init__(self, bootstrap: str, *, client_id: str = "chatprocessor") -> None:
+    def __init__(
+        self, bootstrap: str, *, client_id: str = "chatprocessor", max_poll_interval: float = 900.0
+    ) -> None:
         self.bootstrap = bootstrap
         self.client_id = client_id
+        #: The consumer polls only when a slot is free: a job may take JOB_TIMEOUT first.
+        self.max_poll_interval = max_poll_interval
 
     def consumer(self, *, group_id: str) -> Any:
         from aiokafka import AIOKafkaConsumer
@@ -85,6 +90,7 @@ class AIOKafkaClients:
             group_id=group_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
+            max_poll_interval_ms=round(self.max_poll_interval * 1000),
         )
 
     def producer(self) -> Any:
@@ -116,7 +122,9 @@ class KafkaDelivery(Delivery):
         self.offset: int = record.offset
         self.key: bytes | None = record.key
         self.body = record.value or b""
-        headers = {name: value.decode(errors="replace") for name, value in record.headers or ()}
+        headers = {
+            name: (value or b"").decode(errors="replace") for name, value in record.headers or ()
+        }
         own_id = headers.pop(MESSAGE_ID_HEADER, None)
         self.message_id = own_id or f"{record.topic}-{record.partition}-{record.offset}"
         self.correlation_id = self.key.decode(errors="replace") if self.key else None
@@ -243,7 +251,9 @@ class KafkaTransport:
                     delivery = reader.ready.popleft()
                     reader.in_flight.add(delivery)
                     yield delivery
+                waiting = sum(len(queue) for queue in reader.busy_keys.values())
                 room = prefetch - len(reader.in_flight) - len(reader.ready) - len(reader.held)
+                room -= waiting  # one busy key must not pull its whole backlog into memory
                 if room <= 0:
                     await reader.wait(reader.next_due())
                     continue
@@ -330,14 +340,16 @@ class KafkaTransport:
             for record in records[:limit]:
                 letter = _dead_letter(record)
                 if message_id is not None and letter.message_id != message_id:
-                    break  # offsets commit in order: what follows stays too
+                    continue
                 headers = replay_headers(letter.headers)
                 if letter.message_id:
                     headers[MESSAGE_ID_HEADER] = letter.message_id
                 await self._produce(queue, letter.body, record.key, headers)
                 handled.append(record)
         finally:
-            await self._close_reader(consumer, handled)
+            # Offsets commit in order: a letter replayed by id stays listed (a later full
+            # replay sends it again; the idempotency store answers that copy).
+            await self._close_reader(consumer, [] if message_id is not None else handled)
         return len(handled)
 
     async def purge_dead_letters(self, queue: str) -> int:
@@ -381,7 +393,9 @@ class _Reader:
         self.outstanding[tp].add(delivery.offset)
         self.next_offset[tp] = max(self.next_offset.get(tp, 0), delivery.offset + 1)
         due = header_number(delivery.headers, RETRY_AT_HEADER) / 1000
-        if due > time.time():
+        # A due time beyond any retry delay (a skewed clock, a forged header) is not held:
+        # it would keep a slot and its partition's commits forever.
+        if time.time() < due <= time.time() + MAX_WAIT:
             heapq.heappush(self.held, (due, next(self.order), delivery))
             return
         self.queue_in_key_order(delivery)
@@ -408,6 +422,23 @@ class _Reader:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(None if timeout is None else max(timeout, 0.0)):
                 await self.wake.wait()
+
+    def _rebuild_keys(self, dropped: set[tuple[str, int]]) -> None:
+        """Key ownership after dropping the records of ``dropped`` that had not started:
+        a key is busy while a record of it runs or is ready; its waiting records stay queued,
+        and a key whose owner was dropped passes to its first waiting record."""
+        waiting = {
+            key: deque(d for d in queue if d.tp not in dropped)
+            for key, queue in self.busy_keys.items()
+        }
+        owners = {d.key for d in (*self.in_flight, *self.ready) if d.key is not None}
+        self.busy_keys = {}
+        for key, queue in waiting.items():
+            if key in owners:
+                self.busy_keys[key] = queue
+            elif queue:
+                self.ready.append(queue.popleft())
+                self.busy_keys[key] = queue
 
     def next_of_key(self, delivery: KafkaDelivery) -> None:
         if delivery.key is None or delivery.key not in self.busy_keys:
@@ -458,8 +489,7 @@ class _Reader:
         self.ready = deque(d for d in self.ready if d.tp not in partitions)
         self.held = [h for h in self.held if h[2].tp not in partitions]
         heapq.heapify(self.held)
-        for key, waiting in list(self.busy_keys.items()):
-            self.busy_keys[key] = deque(d for d in waiting if d.tp not in partitions)
+        self._rebuild_keys(partitions)
         running = [d for d in self.in_flight if d.tp in partitions]
         deadline = time.monotonic() + REVOKE_GRACE
         while any(d in self.in_flight for d in running) and time.monotonic() < deadline:
@@ -499,8 +529,15 @@ class KafkaReplyQueue:
         """Topics are not deleted by clients: the broker's retention removes it."""
 
 
+def _headers(record: Any) -> dict[str, str]:
+    """A record's headers as text; Kafka allows a header without a value (None)."""
+    return {name: (value or b"").decode(errors="replace") for name, value in record.headers or ()}
+
+
 def _dead_letter(record: Any) -> DeadLetter:
-    headers = {name: value.decode(errors="replace") for name, value in record.headers or ()}
+    headers = {
+        name: (value or b"").decode(errors="replace") for name, value in record.headers or ()
+    }
     message_id = headers.pop(MESSAGE_ID_HEADER, None)
     return DeadLetter(
         id=f"{record.partition}:{record.offset}",

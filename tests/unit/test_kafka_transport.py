@@ -33,6 +33,12 @@ TOPIC = "eater-send-photo"
 GROUP = "models-processor-group"
 
 
+@pytest.fixture(autouse=True)
+def short_revoke_grace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Streams closed with records unsettled give them 0.2 s, not 10 s, before going."""
+    monkeypatch.setattr(kafka, "REVOKE_GRACE", 0.2)
+
+
 @pytest.fixture
 def cluster() -> FakeKafka:
     return FakeKafka()
@@ -272,3 +278,71 @@ async def test_the_worker_answers_each_record_and_commits_it(cluster: FakeKafka)
         f"conv-{i}".encode(): i for i in range(5)
     }
     assert sum(committed(cluster).values()) == 6  # every record settled, the poison one too
+
+
+# -- found in review ----------------------------------------------------------------------------
+
+
+async def test_a_header_without_a_value_does_not_stop_the_consumer(
+    cluster: FakeKafka, transport: KafkaTransport
+) -> None:
+    cluster.append(TOPIC, b"job", b"k", [("trace", None)])  # type: ignore[list-item]
+    [delivery], stream = await take(transport, 1)
+    assert delivery.body == b"job" and delivery.headers["trace"] == ""
+    await stream.aclose()
+
+
+async def test_a_due_time_far_ahead_is_not_held_forever(
+    cluster: FakeKafka, transport: KafkaTransport
+) -> None:
+    """A forged or skewed x-retry-at must not keep the only slot and the partition's commits."""
+    cluster.append(retry_topic(TOPIC), b"late", b"k", [("x-retry-at", b"99999999999999")])
+    [delivery], stream = await take(transport, 1, prefetch=1)
+    assert delivery.body == b"late"
+    await stream.aclose()
+
+
+async def test_a_busy_key_does_not_pull_its_backlog_into_memory(
+    cluster: FakeKafka, transport: KafkaTransport
+) -> None:
+    for i in range(200):
+        produce(cluster, "hot", b"%d" % i)
+    stream = transport.consume(TOPIC, 2)
+    first = await anext(stream)
+    waiter = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0.3)
+    fetched = sum(p for p in cluster.members[GROUP][0].position.values())
+    assert fetched <= 3  # the one running and at most the room left, not 200
+    waiter.cancel()
+    await first.ack()
+
+
+async def test_replay_by_message_id_finds_a_letter_past_the_first(
+    cluster: FakeKafka, transport: KafkaTransport
+) -> None:
+    for name in ("m0", "m1", "m2"):
+        cluster.append(
+            dead_letter_topic(TOPIC), name.encode(), None, [("message_id", name.encode())]
+        )
+    assert await transport.replay_dead_letters(TOPIC, message_id="m1") == 1
+    [replayed] = cluster.records(TOPIC)
+    assert replayed.value == b"m1"
+    assert len(await transport.list_dead_letters(TOPIC, 10)) == 3  # stays listed (in order)
+
+
+async def test_after_a_rebalance_a_key_whose_next_record_was_ready_goes_on(
+    cluster: FakeKafka, transport: KafkaTransport
+) -> None:
+    """K2 became ready when K1 settled, then the partitions were dealt again: when the
+    records come back, K2 must not wait behind an owner that is gone."""
+    produce(cluster, "k", b"K1")
+    produce(cluster, "k", b"K2")
+    stream = transport.consume(TOPIC, 5)
+    k1 = await anext(stream)
+    await k1.ack()  # K2 is now ready but not yet handed out
+    await cluster.rebalance(GROUP)
+    k2 = await asyncio.wait_for(anext(stream), 5)
+    assert k2.body == b"K2"
+    await k2.ack()
+    assert sum(committed(cluster).values()) == 2
+    await stream.aclose()

@@ -189,3 +189,21 @@ async def test_under_load_requests_share_one_transaction() -> None:
     assert results == [b"b", b"c", b"d"]
     assert batches == [["a"], ["b", "c", "d"]]
     await group.close()
+
+
+async def test_a_closed_store_answers_with_an_error_instead_of_hanging(tmp_path: Path) -> None:
+    store = SQLiteReplyStore(tmp_path / "replies.sqlite3", 60)
+    await store.put(key(), REPLY)
+    await store.close()
+    with pytest.raises(StoreUnavailable):
+        await asyncio.wait_for(store.get(key()), 5)
+
+
+async def test_an_unexpected_failure_fails_the_batch_instead_of_leaving_it_waiting() -> None:
+    async def serve(items: list[str]) -> list[bytes | None]:
+        raise RuntimeError("cannot schedule new futures after shutdown")
+
+    group = replies._TurnBatch(serve)
+    with pytest.raises(StoreUnavailable, match="cannot schedule"):
+        await asyncio.wait_for(group.submit("a"), 5)
+    await group.close()

@@ -292,3 +292,13 @@ def test_corrupt_bytes_only_ever_raise_image_rejected() -> None:
         else:
             assert max(opened(result).size) <= 8  # what passes is a sound image
     assert rejected > len(samples) // 2
+
+
+def test_a_small_file_declaring_a_huge_canvas_is_refused_before_decoding() -> None:
+    """A 1-bit PNG of 10000x5000 is a few KB but 50 MP: refused on its size, not decoded."""
+    buffer = io.BytesIO()
+    Image.new("1", (10_000, 5_000)).save(buffer, "PNG")
+    data = base64.b64encode(buffer.getvalue()).decode()
+    assert len(data) < 200_000
+    with pytest.raises(ImageRejected, match="too many pixels: 10000x5000"):
+        prepare_image(data, max_bytes=10_000_000)
