@@ -13,6 +13,7 @@ from chatprocessor.core.retry import RetryPolicy
 from chatprocessor.core.worker import Worker, WorkerConfig
 from chatprocessor.ops.server import OpsServer
 from chatprocessor.providers import build_providers
+from chatprocessor.ratelimit import Limits, RateLimiter
 from chatprocessor.settings import Settings
 from chatprocessor.stores import build_reply_store
 from chatprocessor.transports import build_transport
@@ -22,6 +23,12 @@ log = logging.getLogger(__name__)
 
 def build_codec(settings: Settings) -> Codec:
     """The contract CONTRACT (or TRANSPORT, with auto) names."""
+    if settings.transport == "tasks":
+        from chatprocessor.contracts.tasks import TaskCodec
+
+        return TaskCodec(
+            max_bytes=settings.max_message_bytes, supported_models=settings.supported_models
+        )
     if not settings.uses_models_contract:
         return ChatCodec(
             max_bytes=settings.max_message_bytes,
@@ -50,7 +57,9 @@ def build_worker(settings: Settings) -> Worker:
     config = WorkerConfig(
         input_queue=settings.input_queue,
         output_queue=settings.text_response_topic if models else settings.rabbitmq_queue_output,
-        prefetch=settings.prefetch_count,
+        prefetch=settings.concurrency_limit
+        if settings.transport == "tasks"
+        else settings.prefetch_count,
         graceful_timeout=settings.graceful_timeout,
         system_prompt=settings.system_prompt,
         retry=retry,
@@ -64,7 +73,25 @@ def build_worker(settings: Settings) -> Worker:
         build_codec(settings),
         config,
         store=build_reply_store(settings),
+        limiter=build_limiter(settings) if settings.transport == "tasks" else None,
     )
+
+
+def build_limiter(settings: Settings) -> RateLimiter | None:
+    """RATE_LIMIT_*: the task API door's limits per minute to per month, or None."""
+    if not settings.rate_limit_enabled:
+        return None
+    limits = Limits(
+        per_minute=settings.rate_limit_per_minute,
+        per_hour=settings.rate_limit_per_hour,
+        per_day=settings.rate_limit_per_day,
+        per_week=settings.rate_limit_per_week,
+        per_month=settings.rate_limit_per_month,
+        strategy=settings.rate_limit_strategy,
+    )
+    if not limits.enabled:
+        return None
+    return RateLimiter(limits, redis_url=settings.redis_url, data_dir=settings.data_dir)
 
 
 async def run_service(settings: Settings, stop: asyncio.Event) -> None:
@@ -104,6 +131,8 @@ async def run_service(settings: Settings, stop: asyncio.Event) -> None:
         await worker.transport.close()
         await worker.provider.close()
         await worker.store.close()
+        if worker.limiter is not None:
+            await worker.limiter.close()
         if ops is not None:
             await ops.stop()
         log.info("chatprocessor stopped")

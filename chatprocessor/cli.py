@@ -82,6 +82,7 @@ def run() -> None:
             secrets=[
                 settings.rabbitmq_password.get_secret_value(),
                 settings.openai_api_key.get_secret_value(),
+                settings.oauth2_client_secret.get_secret_value(),
                 *_url_passwords(settings.redis_url),
             ],
         )

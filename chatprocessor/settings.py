@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     prefetch_count: int = Field(1, ge=1, le=1000)
 
     # Where jobs come from and who answers them.
-    transport: Literal["local", "rabbitmq", "kafka"] = "local"
+    transport: Literal["local", "rabbitmq", "kafka", "tasks"] = "local"
     #: chat: seed 000's UserPromptReceived; models: seed 001's photo/text requests;
     #: auto: models with TRANSPORT=kafka, chat otherwise.
     contract: Literal["auto", "chat", "models"] = "auto"
@@ -71,6 +71,29 @@ class Settings(BaseSettings):
     ollama_connect_timeout: float = Field(5.0, gt=0)
     #: Pull the configured model through /api/pull at start-up when /api/tags lacks it.
     pull_missing_models: bool = False
+
+    # The task API door (seed 002, names and defaults kept): TRANSPORT=tasks.
+    api_base_url: str = "http://localhost:3000"
+    ory_project_slug: str = ""
+    oauth2_token_url: str = ""
+    oauth2_client_id: str = ""
+    oauth2_client_secret: SecretStr = SecretStr("")
+    polling_interval_seconds: float = Field(30.0, gt=0)
+    concurrency_limit: int = Field(5, ge=1, le=1000)
+    request_timeout: float = Field(30.0, gt=0)
+    #: openai, ollama, hybrid (Ollama, then OpenAI on failure) or mock; empty: PROVIDERS.
+    processing_mode: Literal["", "openai", "ollama", "hybrid", "mock"] = ""
+    #: Models a task may ask for (JSON list or comma-separated); empty: any.
+    supported_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    ollama_embedding_model: str = Field("nomic-embed-text", min_length=1)
+    openai_embedding_model: str = Field("text-embedding-3-small", min_length=1)
+    rate_limit_enabled: bool = True
+    rate_limit_per_minute: int = Field(20, ge=0)
+    rate_limit_per_hour: int = Field(100, ge=0)
+    rate_limit_per_day: int = Field(500, ge=0)
+    rate_limit_per_week: int = Field(2000, ge=0)
+    rate_limit_per_month: int = Field(7500, ge=0)
+    rate_limit_strategy: Literal["rolling", "fixed"] = "rolling"
 
     # Kafka and the Models Processor contract (seed 001, names and defaults kept).
     bootstrap_server: str = "localhost:9092"
@@ -127,6 +150,25 @@ class Settings(BaseSettings):
     log_file: str = "chatprocessor.log"
     log_format: Literal["text", "json"] = "text"
 
+    @field_validator("supported_models", mode="before")
+    @classmethod
+    def _split_models(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)  # the seed writes ["nomic-embed-text","all-minilm"]
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @property
+    def provider_names(self) -> list[str]:
+        """PROCESSING_MODE, when set, chooses the providers; else PROVIDERS."""
+        modes = {"openai": ["openai"], "ollama": ["ollama"], "hybrid": ["ollama", "openai"]}
+        modes["mock"] = ["mock"]
+        return modes.get(self.processing_mode, self.providers)
+
     @field_validator("photo_analysis_schema")
     @classmethod
     def _known_schema(cls, value: str) -> str:
@@ -143,6 +185,8 @@ class Settings(BaseSettings):
     @property
     def input_queue(self) -> str:
         """Where jobs come from: seed 001's topic for the models contract, else seed 000's."""
+        if self.transport == "tasks":
+            return "ai-tasks"
         if self.uses_models_contract:
             return self.local_model_kafka_topic
         return self.rabbitmq_queue_input

@@ -19,6 +19,7 @@ def build_provider(name: str, settings: Settings) -> Provider:
             model=settings.ollama_model,
             timeout=settings.ollama_timeout,
             connect_timeout=settings.ollama_connect_timeout,
+            embedding_model=settings.ollama_embedding_model,
         )
     if name == "embedded":
         from chatprocessor.providers.embedded import EmbeddedProvider
@@ -38,6 +39,7 @@ def build_provider(name: str, settings: Settings) -> Provider:
             model=settings.openai_model,
             timeout=settings.openai_timeout,
             connect_timeout=settings.openai_connect_timeout,
+            embedding_model=settings.openai_embedding_model,
         )
     if name == "mock":
         from chatprocessor.providers.mock import MockProvider
@@ -53,7 +55,7 @@ def build_providers(settings: Settings) -> Provider:
     """
     from chatprocessor.providers.router import RouterProvider
 
-    providers = [build_provider(name, settings) for name in settings.providers]
+    providers = [build_provider(name, settings) for name in settings.provider_names]
     return RouterProvider(
         providers,
         fail_max=settings.breaker_fail_max,

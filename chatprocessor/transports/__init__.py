@@ -20,6 +20,26 @@ def build_transport(settings: Settings) -> Transport:
             safe_url=settings.rabbitmq_safe_url,
             retry_tiers=RetryPolicy.from_settings(settings).tiers(),
         )
+    if settings.transport == "tasks":
+        from chatprocessor.oauth import client_credentials, token_url
+        from chatprocessor.transports.task_api import TaskAPITransport
+
+        auth = None
+        if settings.oauth2_client_id:
+            auth = client_credentials(
+                token_url(
+                    ory_project_slug=settings.ory_project_slug,
+                    explicit_url=settings.oauth2_token_url,
+                ),
+                settings.oauth2_client_id,
+                settings.oauth2_client_secret.get_secret_value(),
+            )
+        return TaskAPITransport(
+            settings.api_base_url,
+            auth,
+            polling_interval=settings.polling_interval_seconds,
+            request_timeout=settings.request_timeout,
+        )
     if settings.transport == "kafka":
         from chatprocessor.transports.kafka import AIOKafkaClients, KafkaTransport
 

@@ -7,16 +7,19 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from chatprocessor.app import build_worker
 from chatprocessor.contracts.tasks import TaskCodec
 from chatprocessor.core.retry import RetryPolicy
 from chatprocessor.core.worker import Worker, WorkerConfig
 from chatprocessor.oauth import client_credentials
 from chatprocessor.providers.ollama import OllamaProvider
 from chatprocessor.providers.router import RouterProvider
+from chatprocessor.settings import Settings
 from chatprocessor.transports.task_api import TaskAPITransport
 from tests.fakes.ollama import FakeOllama
 from tests.fakes.task_api import CLIENT_ID, CLIENT_SECRET, FakeTaskAPI
@@ -139,3 +142,50 @@ async def test_bad_tasks_are_reported_failed_with_a_clear_error(start: Callable[
     assert patches[not_allowed]["state"] == "failed"
     assert "SUPPORTED_MODELS" in patches[not_allowed]["error"]
     assert lab.embed_calls() == []
+
+
+async def test_configured_from_settings_and_over_the_rate_limit_a_task_waits(
+    fake_ollama: FakeOllama, tmp_path: Path
+) -> None:
+    """The app builds the door from seed 002's variables; with 2 tasks a minute allowed, the
+    third waits (it is not failed) while the first two are reported."""
+    fake_ollama.add_model(EMBED_MODEL)
+    async with FakeTaskAPI(expires_in=60) as api:
+        settings = Settings.load(
+            transport="tasks",
+            api_base_url=api.url,
+            oauth2_token_url=api.token_url,
+            oauth2_client_id=CLIENT_ID,
+            oauth2_client_secret=CLIENT_SECRET,
+            processing_mode="ollama",
+            ollama_base_url=fake_ollama.url,
+            supported_models='["nomic-embed-text","all-minilm"]',
+            polling_interval_seconds=0.1,
+            rate_limit_per_minute=2,
+            graceful_timeout=0.5,  # the waiting task goes back to the API at the stop
+            data_dir=tmp_path,
+            ops_port=0,
+        )
+        worker = build_worker(settings)
+        await worker.start()
+        stop = asyncio.Event()
+        running = asyncio.create_task(worker.run(stop))
+        try:
+            for i in range(3):
+                api.add_task(content={"text": f"text {i}", "model": EMBED_MODEL})
+            lab = Lab(api, fake_ollama)
+            await lab.patched(2)
+            await asyncio.sleep(1.0)
+            assert len(api.patches) == 2  # the third waits for the next minute
+            assert all(body["state"] == "succeeded" for _, body in api.patches)
+            assert worker.limiter is not None
+            usage = await worker.limiter.usage()
+            assert usage["minute"]["used"] == 2 and usage["minute"]["limit"] == 2
+        finally:
+            stop.set()
+            await running
+            await worker.transport.close()
+            await worker.provider.close()
+            await worker.store.close()
+            if worker.limiter is not None:
+                await worker.limiter.close()
