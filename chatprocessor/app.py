@@ -66,6 +66,10 @@ def build_worker(settings: Settings) -> Worker:
         job_timeout=settings.job_timeout,
         breaker_patience=max(retry.total_backoff(), 2 * settings.breaker_reset_timeout),
         pull_missing_models=settings.pull_missing_models,
+        # Seed 002: in ollama and hybrid modes the supported models are downloaded at start.
+        models_to_pull=tuple(settings.supported_models)
+        if settings.transport == "tasks" and "ollama" in settings.provider_names
+        else (),
     )
     return Worker(
         build_transport(settings),
@@ -98,7 +102,12 @@ async def run_service(settings: Settings, stop: asyncio.Event) -> None:
     """Run until ``stop`` is set; in-flight jobs get GRACEFUL_TIMEOUT to finish."""
     worker = build_worker(settings)
     ops = (
-        OpsServer(worker.readiness, host=settings.ops_host, port=settings.ops_port)
+        OpsServer(
+            worker.readiness,
+            host=settings.ops_host,
+            port=settings.ops_port,
+            details=worker.health_details,
+        )
         if settings.ops_port
         else None
     )

@@ -21,6 +21,7 @@ import functools
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 
@@ -80,6 +81,8 @@ class WorkerConfig:
     refused_pause: float = 5.0
     #: PULL_MISSING_MODELS: pull the default model at start-up when the provider lacks it.
     pull_missing_models: bool = False
+    #: Models pulled at start-up when the provider lacks them (SUPPORTED_MODELS on Ollama).
+    models_to_pull: tuple[str, ...] = ()
     #: How long a job skipped by open circuit breakers may wait without using attempts,
     #: counted from its first failure (app: the retry budget, at least 2 breaker cool-downs).
     breaker_patience: float = 60.0
@@ -136,11 +139,18 @@ class Worker:
         except ProviderError as exc:
             log.warning("provider %s: cannot list models (%s)", self.provider.name, exc)
             return True
+        pull = getattr(self.provider, "pull_model", None)
+        for wanted in self.config.models_to_pull:
+            if pull is not None and not any(same_model(wanted, m) for m in models):
+                log.info("downloading missing supported model %r", wanted)
+                try:
+                    await pull(wanted)
+                except ProviderError as exc:
+                    log.error("could not pull model %r: %s", wanted, exc)
         model = self.provider.default_model
         if any(same_model(model, available) for available in models):
             log.info("provider %s ready with model %r", self.provider.name, model)
             return True
-        pull = getattr(self.provider, "pull_model", None)
         if self.config.pull_missing_models and pull is not None:
             log.info("provider %s does not have model %r: pulling it", self.provider.name, model)
             try:
@@ -158,6 +168,19 @@ class Worker:
             "" if pull is None else "; PULL_MISSING_MODELS=true pulls it at start-up",
         )
         return True
+
+    async def health_details(self) -> dict[str, Any]:
+        """/health: the rate limits' usage (metrics updated too), when there are limits."""
+        if self.limiter is None:
+            return {}
+        try:
+            usage = await self.limiter.usage()
+        except StoreUnavailable as exc:
+            return {"rate_limits": {"error": str(exc)}}
+        for period, numbers in usage.items():
+            metrics.labelled(metrics.RATE_LIMIT, period).set(numbers["limit"])
+            metrics.labelled(metrics.RATE_LIMIT_USED, period).set(numbers["used"])
+        return {"rate_limits": usage}
 
     async def readiness(self) -> dict[str, bool]:
         """/ready: the broker answers, the provider answers and has the configured model."""
@@ -453,7 +476,8 @@ class Worker:
 
     async def _run_task(self, job: Job) -> Result:
         """A task of the task API door (chatprocessor/tasks.py), within JOB_TIMEOUT."""
-        if self.limiter is not None:
+        if self.limiter is not None and not await self.limiter.try_acquire():
+            metrics.RATE_LIMIT_WAITS.inc()
             await self.limiter.acquire()  # over a rate limit the task waits, it never fails
         started = time.perf_counter()
         try:

@@ -56,6 +56,17 @@ BREAKER_STATE = Gauge(
 )
 
 
+RATE_LIMIT = Gauge(
+    "chatprocessor_rate_limit", "Tasks allowed per period (RATE_LIMIT_*)", ["period"]
+)
+RATE_LIMIT_USED = Gauge(
+    "chatprocessor_rate_limit_used", "Tasks counted in the current window", ["period"]
+)
+RATE_LIMIT_WAITS = Counter(
+    "chatprocessor_rate_limit_waits_total", "Tasks that waited for a rate-limit slot"
+)
+
+
 @functools.cache
 def labelled(metric: MetricWrapperBase, *values: str) -> Any:
     """``metric.labels(*values)``, looked up once: label sets are few, jobs are many."""

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 ReadyCheck = Callable[[], Awaitable[dict[str, bool]]]
+#: Extra facts for /health (e.g. rate-limit usage); must not fail when a backend is down.
+HealthDetails = Callable[[], Awaitable[dict[str, Any]]]
 
 
-def make_app(ready: ReadyCheck) -> web.Application:
+def make_app(ready: ReadyCheck, details: HealthDetails | None = None) -> web.Application:
     async def health(_: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+        body: dict[str, Any] = {"status": "ok"}
+        if details is not None:
+            body.update(await details())
+        return web.json_response(body)
 
     async def ready_handler(_: web.Request) -> web.Response:
         checks = await ready()
@@ -35,8 +41,15 @@ def make_app(ready: ReadyCheck) -> web.Application:
 class OpsServer:
     """Runs the app on host:port beside the worker, in the same event loop."""
 
-    def __init__(self, ready: ReadyCheck, *, host: str, port: int) -> None:
-        self._runner = web.AppRunner(make_app(ready), access_log=None)
+    def __init__(
+        self,
+        ready: ReadyCheck,
+        *,
+        host: str,
+        port: int,
+        details: HealthDetails | None = None,
+    ) -> None:
+        self._runner = web.AppRunner(make_app(ready, details), access_log=None)
         self.host = host
         self.port = port
 

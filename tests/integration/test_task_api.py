@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from chatprocessor.app import build_worker
 from chatprocessor.contracts.tasks import TaskCodec
@@ -178,9 +179,13 @@ async def test_configured_from_settings_and_over_the_rate_limit_a_task_waits(
             await asyncio.sleep(1.0)
             assert len(api.patches) == 2  # the third waits for the next minute
             assert all(body["state"] == "succeeded" for _, body in api.patches)
-            assert worker.limiter is not None
-            usage = await worker.limiter.usage()
-            assert usage["minute"]["used"] == 2 and usage["minute"]["limit"] == 2
+            health = await worker.health_details()  # what /health adds
+            assert health["rate_limits"]["minute"]["used"] == 2
+            assert health["rate_limits"]["minute"]["limit"] == 2
+            assert (
+                REGISTRY.get_sample_value("chatprocessor_rate_limit_used", {"period": "minute"})
+                == 2
+            )
         finally:
             stop.set()
             await running
@@ -189,3 +194,88 @@ async def test_configured_from_settings_and_over_the_rate_limit_a_task_waits(
             await worker.store.close()
             if worker.limiter is not None:
                 await worker.limiter.close()
+
+
+async def test_in_ollama_mode_the_supported_models_are_pulled_at_start(
+    fake_ollama: FakeOllama, tmp_path: Path
+) -> None:
+    async with FakeTaskAPI() as api:
+        settings = Settings.load(
+            transport="tasks",
+            api_base_url=api.url,
+            oauth2_token_url=api.token_url,
+            oauth2_client_id=CLIENT_ID,
+            oauth2_client_secret=CLIENT_SECRET,
+            processing_mode="hybrid",
+            ollama_base_url=fake_ollama.url,
+            supported_models="nomic-embed-text, all-minilm",
+            data_dir=tmp_path,
+        )
+        worker = build_worker(settings)
+        await worker.start()
+        try:
+            assert fake_ollama.has_model("nomic-embed-text") and fake_ollama.has_model("all-minilm")
+        finally:
+            await worker.transport.close()
+            await worker.provider.close()
+            await worker.store.close()
+
+
+async def run_one_task(settings: Settings, api: FakeTaskAPI, content: dict[str, Any]) -> Any:
+    worker = build_worker(settings)
+    await worker.start()
+    stop = asyncio.Event()
+    running = asyncio.create_task(worker.run(stop))
+    try:
+        task = api.add_task(content=content)
+        deadline = time.monotonic() + 60
+        while not api.patches:
+            assert time.monotonic() < deadline, "no PATCH"
+            await asyncio.sleep(0.05)
+        [(patched, body)] = api.patches
+        assert patched == task
+        return body
+    finally:
+        stop.set()
+        await running
+        await worker.transport.close()
+        await worker.provider.close()
+        await worker.store.close()
+
+
+@pytest.mark.embedded
+@pytest.mark.timeout(180)
+async def test_real_embeddings_from_the_embedded_model_and_from_llama_cpp_server(
+    tmp_path: Path,
+) -> None:
+    """The seed 002 flow with real vectors: the bundled model in process, then the official
+    openai client against python -m llama_cpp.server serving the same model."""
+    from tests.integration.test_openai_llama_server import llama_server
+
+    async with FakeTaskAPI(expires_in=60) as api:
+        base = {"transport": "tasks", "api_base_url": api.url, "polling_interval_seconds": 0.1}
+        base |= {"oauth2_token_url": api.token_url, "oauth2_client_id": CLIENT_ID}
+        base |= {"oauth2_client_secret": CLIENT_SECRET, "data_dir": tmp_path}
+        local = await run_one_task(
+            Settings.load(providers=["embedded"], **base), api, {"text": "The capital of France"}
+        )
+        assert local["state"] == "succeeded", local
+        assert local["result"]["provider"] == "embedded" and local["result"]["dimensions"] > 100
+        api.patches.clear()
+        with llama_server(tmp_path, "--embedding", "true") as (url, model):
+            served = await run_one_task(
+                Settings.load(
+                    processing_mode="openai",
+                    openai_base_url=url,
+                    openai_embedding_model=model,
+                    idempotency_ttl=0,
+                    **base,
+                ),
+                api,
+                {"text": "The capital of France"},
+            )
+        assert served["state"] == "succeeded", served
+        assert served["result"]["provider"] == "openai"
+        a, b = local["result"]["embedding"], served["result"]["embedding"]
+        assert len(a) == len(b)
+        assert sum(x * y for x, y in zip(a, b, strict=True)) > 0.99  # the same model, unit vectors
