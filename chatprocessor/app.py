@@ -26,8 +26,11 @@ def build_codec(settings: Settings) -> Codec:
     if settings.transport == "tasks":
         from chatprocessor.contracts.tasks import TaskCodec
 
+        # SUPPORTED_MODELS guards the local providers; OpenAI takes any model it serves.
+        local = {"ollama", "embedded"} & set(settings.provider_names)
         return TaskCodec(
-            max_bytes=settings.max_message_bytes, supported_models=settings.supported_models
+            max_bytes=settings.max_message_bytes,
+            supported_models=settings.supported_models if local else [],
         )
     if not settings.uses_models_contract:
         return ChatCodec(

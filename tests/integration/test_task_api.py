@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
-from chatprocessor.app import build_worker
+from chatprocessor.app import build_codec, build_worker
 from chatprocessor.contracts.tasks import TaskCodec
+from chatprocessor.core.errors import MalformedMessage
 from chatprocessor.core.retry import RetryPolicy
 from chatprocessor.core.worker import Worker, WorkerConfig
 from chatprocessor.oauth import client_credentials
@@ -279,3 +280,19 @@ async def test_real_embeddings_from_the_embedded_model_and_from_llama_cpp_server
         a, b = local["result"]["embedding"], served["result"]["embedding"]
         assert len(a) == len(b)
         assert sum(x * y for x, y in zip(a, b, strict=True)) > 0.99  # the same model, unit vectors
+
+
+def test_supported_models_guard_local_providers_only() -> None:
+    models = "nomic-embed-text"
+
+    def codec(mode: str) -> Any:
+        return build_codec(
+            Settings.load(transport="tasks", processing_mode=mode, supported_models=models)
+        )
+
+    local, cloud = codec("hybrid"), codec("openai")
+    task = b'{"_id": "t1", "type": "text_embedding", '
+    task += b'"content": {"text": "x", "model": "text-embedding-3-large"}}'
+    with pytest.raises(MalformedMessage, match="SUPPORTED_MODELS"):
+        local.decode(task)
+    assert cloud.decode(task).model == "text-embedding-3-large"
