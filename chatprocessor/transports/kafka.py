@@ -265,6 +265,11 @@ class KafkaTransport:
                     for record in records:
                         reader.admit(KafkaDelivery(reader, record, queue))
         finally:
+            # Stopping (or failing): records in flight get REVOKE_GRACE to settle and commit
+            # before this member leaves the group; else the others would process them again.
+            deadline = time.monotonic() + REVOKE_GRACE
+            while reader.in_flight and time.monotonic() < deadline:
+                await reader.wait(0.05)
             reader.consumer = None
             with contextlib.suppress(*_kafka_errors()):
                 await consumer.stop()

@@ -346,3 +346,34 @@ async def test_after_a_rebalance_a_key_whose_next_record_was_ready_goes_on(
     await k2.ack()
     assert sum(committed(cluster).values()) == 2
     await stream.aclose()
+
+
+async def test_a_graceful_stop_commits_the_records_in_flight_before_leaving(
+    cluster: FakeKafka, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiokafka leaves the group on stop without a revoke callback: the worker's jobs in
+    flight must commit first, or the next member would answer them again."""
+    monkeypatch.setattr(kafka, "REVOKE_GRACE", 5.0)
+
+    class Slow(MockProvider):
+        async def chat(self, request, *, stream=False):  # type: ignore[no-untyped-def]
+            await asyncio.sleep(0.5)
+            async for chunk in super().chat(request, stream=stream):
+                yield chunk
+
+    produce(cluster, "c1", orjson.dumps({"conversation_id": 1, "message": "slow"}))
+    worker = Worker(
+        KafkaTransport(cluster.clients(), group_id=GROUP),
+        Slow(),
+        ChatCodec(max_bytes=65536),
+        WorkerConfig(input_queue=TOPIC, output_queue="BotResponseCreated", graceful_timeout=5),
+    )
+    await worker.start()
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    await asyncio.sleep(0.2)  # the job is running
+    stop.set()
+    await task
+    await worker.transport.close()
+    assert len(cluster.records("BotResponseCreated")) == 1
+    assert sum(committed(cluster).values()) == 1  # committed before the member left
