@@ -54,6 +54,7 @@ from chatprocessor.providers.base import (
 
 log = logging.getLogger(__name__)
 
+_JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
 #: Health probes (/ready, start-up, check) must not wait OLLAMA_TIMEOUT on a hung server.
 PROBE_TIMEOUT = 5.0
 #: Connections kept open to Ollama (aiohttp's default; more requests wait for one).
@@ -180,18 +181,12 @@ class OllamaProvider:
     async def chat(self, request: ChatRequest, *, stream: bool = False) -> AsyncIterator[Chunk]:
         model = request.model or self.default_model
         body = self._body(request, model, stream)
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
         try:
             async with self._http().post(
-                f"{self.base_url}/api/chat", data=body, headers=headers
+                f"{self.base_url}/api/chat", data=body, headers=_JSON_HEADERS
             ) as response:
                 if response.status >= 400:
-                    raise http_error(
-                        response.status,
-                        _error_text(await response.read(), response.reason),
-                        model,
-                        parse_retry_after(response.headers.get("Retry-After")),
-                    )
+                    raise await _failure(response, model)
                 if not stream:
                     yield self._chunk(orjson.loads(await response.read()), model)
                     return
@@ -211,18 +206,12 @@ class OllamaProvider:
         if not texts:
             return Embeddings([], model=model, provider=self.name, prompt_tokens=0)
         body = orjson.dumps({"model": model, "input": texts})
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
         try:
             async with self._http().post(
-                f"{self.base_url}/api/embed", data=body, headers=headers
+                f"{self.base_url}/api/embed", data=body, headers=_JSON_HEADERS
             ) as response:
                 if response.status >= 400:
-                    raise http_error(
-                        response.status,
-                        _error_text(await response.read(), response.reason),
-                        model,
-                        parse_retry_after(response.headers.get("Retry-After")),
-                    )
+                    raise await _failure(response, model)
                 answer = orjson.loads(await response.read())
                 if not isinstance(answer, dict):
                     raise ValueError(f"an embed answer is an object, not {type(answer).__name__}")
@@ -290,6 +279,16 @@ class OllamaProvider:
             session, self._session = self._session, None
             await session.close()
         await self._probe.close()  # type: ignore[no-untyped-call]
+
+
+async def _failure(response: aiohttp.ClientResponse, model: str) -> ProviderError:
+    """An error status of the Ollama API, with its message and any Retry-After."""
+    return http_error(
+        response.status,
+        _error_text(await response.read(), response.reason),
+        model,
+        parse_retry_after(response.headers.get("Retry-After")),
+    )
 
 
 def _error_text(body: bytes, reason: str | None) -> str:

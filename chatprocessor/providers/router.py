@@ -37,7 +37,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import TypeVar
 
 import pybreaker
 
@@ -46,6 +47,8 @@ from chatprocessor.ops import metrics
 from chatprocessor.providers.base import ChatRequest, Chunk, Embeddings, Provider
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: BREAKER_STATE values.
 STATE_VALUES = {pybreaker.STATE_CLOSED: 0, pybreaker.STATE_HALF_OPEN: 1, pybreaker.STATE_OPEN: 2}
@@ -118,7 +121,37 @@ class RouterProvider:
         """
         return {p.name: b.current_state for p, b in zip(self.providers, self.breakers, strict=True)}
 
-    async def chat(self, request: ChatRequest, *, stream: bool = False) -> AsyncIterator[Chunk]:
+    def chat(self, request: ChatRequest, *, stream: bool = False) -> AsyncIterator[Chunk]:
+        def tag(chunk: Chunk, provider: Provider) -> Chunk:
+            chunk.provider = chunk.provider or provider.name
+            chunk.model = chunk.model or provider.default_model
+            return chunk
+
+        return self._first_that_answers(lambda p: p.chat(request, stream=stream), tag)
+
+    async def embed(self, texts: list[str], *, model: str | None = None) -> Embeddings:
+        """As ``chat``: the first provider that answers gives the vectors."""
+
+        async def one(provider: Provider) -> AsyncIterator[Embeddings]:
+            yield await provider.embed(texts, model=model)
+
+        def tag(result: Embeddings, provider: Provider) -> Embeddings:
+            result.provider = result.provider or provider.name
+            return result
+
+        results = self._first_that_answers(one, tag)
+        try:  # closed at once: the breaker records the call when the generator ends
+            return await anext(results)
+        finally:
+            await results.aclose()
+
+    async def _first_that_answers(
+        self,
+        call: Callable[[Provider], AsyncIterator[T]],
+        tag: Callable[[T, Provider], T],
+    ) -> AsyncGenerator[T, None]:
+        """What ``call`` yields for the first provider that answers, in order, each behind
+        its circuit breaker. Once a provider has yielded, its failures are the caller's."""
         last: ProviderError | None = None  # the last transient failure
         skipped: list[str] = []  # breaker open (or its trial call running)
         count = len(self.providers)
@@ -133,18 +166,16 @@ class RouterProvider:
                     probe = breaker.current_state == pybreaker.STATE_HALF_OPEN
                     if probe:
                         self._probing.add(index)
-                    chunks = provider.chat(request, stream=stream)
+                    items = call(provider)
                     try:
-                        async for chunk in chunks:
+                        async for item in items:
                             started = True
-                            chunk.provider = chunk.provider or provider.name
-                            chunk.model = chunk.model or provider.default_model
-                            yield chunk
+                            yield tag(item, provider)
                     finally:
                         if probe:
                             self._probing.discard(index)
                         # A consumer that stops early stops the provider too (frees its stream).
-                        aclose = getattr(chunks, "aclose", None)
+                        aclose = getattr(items, "aclose", None)
                         if aclose is not None:
                             await aclose()
                 return
@@ -158,48 +189,6 @@ class RouterProvider:
                 if exc.transient:
                     last = exc
                 log.warning("provider %s failed (%s)", provider.name, exc)
-            if index + 1 < count:
-                metrics.FALLBACKS.labels(provider.name).inc()
-                log.warning("trying provider %s", self.providers[index + 1].name)
-        if last is not None:
-            raise last
-        raise CircuitOpen(
-            f"no provider answered; circuit breaker open: {', '.join(skipped)}",
-            retry_after=self._cool_down_left(skipped),
-        )
-
-    async def embed(self, texts: list[str], *, model: str | None = None) -> Embeddings:
-        """As ``chat`` without streams: the first provider that answers gives the vectors."""
-        last: ProviderError | None = None  # the last transient failure
-        skipped: list[str] = []  # breaker open (or its trial call running)
-        count = len(self.providers)
-        for index, (provider, breaker) in enumerate(
-            zip(self.providers, self.breakers, strict=True)
-        ):
-            try:
-                if breaker.current_state == pybreaker.STATE_HALF_OPEN and index in self._probing:
-                    raise pybreaker.CircuitBreakerError("trial call already running")
-                with breaker.calling():
-                    probe = breaker.current_state == pybreaker.STATE_HALF_OPEN
-                    if probe:
-                        self._probing.add(index)
-                    try:
-                        result = await provider.embed(texts, model=model)
-                    finally:
-                        if probe:
-                            self._probing.discard(index)
-                result.provider = result.provider or provider.name
-                return result
-            except pybreaker.CircuitBreakerError:
-                log.info("provider %s skipped: its circuit breaker is open", provider.name)
-                skipped.append(provider.name)
-            except ProviderError as exc:
-                metrics.PROVIDER_FAILURES.labels(provider.name, type(exc).__name__).inc()
-                if not (exc.transient or last is not None or skipped):
-                    raise
-                if exc.transient:
-                    last = exc
-                log.warning("provider %s failed to embed (%s)", provider.name, exc)
             if index + 1 < count:
                 metrics.FALLBACKS.labels(provider.name).inc()
                 log.warning("trying provider %s", self.providers[index + 1].name)
