@@ -42,6 +42,7 @@ from limits.aio.strategies import FixedWindowRateLimiter, MovingWindowRateLimite
 from limits.errors import StorageError
 
 from chatprocessor.core.errors import StoreUnavailable
+from chatprocessor.stores.sqlite import enable_wal
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +295,7 @@ class SQLiteStorage(Storage, MovingWindowSupport):
             self._path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self._path, timeout=BUSY_TIMEOUT, isolation_level=None)
             try:
-                db.execute("PRAGMA journal_mode=WAL")
+                enable_wal(db, BUSY_TIMEOUT)
                 db.execute("PRAGMA synchronous=NORMAL")
                 db.execute(
                     "CREATE TABLE IF NOT EXISTS counters (key TEXT PRIMARY KEY,"

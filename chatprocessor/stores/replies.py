@@ -23,6 +23,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import orjson
 
 from chatprocessor.core.errors import StoreUnavailable
+from chatprocessor.stores.sqlite import enable_wal
 
 KEY_PREFIX = "chatprocessor:reply:"
 #: How long a write that finds the database locked by another process may wait (seconds).
@@ -165,7 +166,7 @@ class SQLiteReplyStore:
         if self._waiting_db is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = _connect(self.path, timeout=BUSY_TIMEOUT)
-            db.execute("PRAGMA journal_mode=WAL")
+            enable_wal(db, BUSY_TIMEOUT)
             db.execute(
                 "CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, reply BLOB NOT NULL,"
                 " expires_at REAL NOT NULL)"

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import orjson
 
 from chatprocessor.core.errors import BrokerUnavailable, Unroutable
+from chatprocessor.stores.sqlite import enable_wal
 from chatprocessor.transports.base import (
     DLQ_QUEUE,
     DeadLetter,
@@ -226,7 +227,7 @@ class LocalTransport:
             db = sqlite3.connect(
                 self.path, timeout=30, isolation_level=None, check_same_thread=False
             )
-            db.execute("PRAGMA journal_mode=WAL")
+            enable_wal(db, 30)
             db.execute("PRAGMA synchronous=FULL")  # a committed job survives a power cut
             db.executescript(_SCHEMA)
             return db

@@ -82,6 +82,8 @@ class TaskAPITransport:
         self.request_timeout = request_timeout
         self._http: httpx.AsyncClient | None = None
         self._active: set[str] = set()  # taken, being processed or waiting to be reported
+        #: Settled while the current poll was under way: its answer may still list them.
+        self._settled_during_poll: set[str] = set()
         self._held: list[tuple[float, int, dict[str, Any], dict[str, Any]]] = []
         self._order = itertools.count()
         self._wake = asyncio.Event()
@@ -151,6 +153,7 @@ class TaskAPITransport:
             room = prefetch - len(self._active) - len(self._held)
             full = False
             if room > 0:
+                self._settled_during_poll = set()
                 try:
                     tasks = await self._get_pending(room)
                 except BrokerUnavailable as exc:
@@ -160,8 +163,13 @@ class TaskAPITransport:
                 for task in tasks:
                     delivery = TaskDelivery(self, task, {})
                     task_id = delivery.message_id
-                    if task_id is None or task_id in self._active or self._is_held(task_id):
-                        continue  # taken already: its PATCH may still be on its way
+                    if (
+                        task_id is None
+                        or task_id in self._active
+                        or task_id in self._settled_during_poll
+                        or self._is_held(task_id)
+                    ):
+                        continue  # taken already, or reported after this poll's answer was made
                     self._active.add(task_id)
                     yield delivery
             if not full:
@@ -179,6 +187,7 @@ class TaskAPITransport:
 
     def _forget(self, delivery: TaskDelivery) -> None:
         self._active.discard(delivery.message_id or "")
+        self._settled_during_poll.add(delivery.message_id or "")
         self._wake.set()
 
     def _hold(self, delivery: TaskDelivery, headers: dict[str, Any], due: float) -> None:
