@@ -4,19 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
+from typing import TYPE_CHECKING
 
 from chatprocessor.contracts.base import Codec
 from chatprocessor.contracts.chat import ChatCodec
 from chatprocessor.core.retry import RetryPolicy
 from chatprocessor.core.worker import Worker, WorkerConfig
+from chatprocessor.events.cancel import CancelRegistry, CancelSource
 from chatprocessor.ops.server import OpsServer
 from chatprocessor.providers import build_providers
 from chatprocessor.ratelimit import Limits, RateLimiter
 from chatprocessor.settings import Settings
 from chatprocessor.stores import build_reply_store
 from chatprocessor.transports import build_transport
+
+if TYPE_CHECKING:
+    from chatprocessor.events.sink import EventSink
+    from chatprocessor.features.conversation import Conversations
+    from chatprocessor.features.history import HistoryStore
+    from chatprocessor.providers.base import Provider
+    from chatprocessor.stores.job_metrics import JobMetrics
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +42,10 @@ def build_codec(settings: Settings) -> Codec:
             max_bytes=settings.max_message_bytes,
             supported_models=settings.supported_models if local else [],
         )
+    if settings.uses_stream_contract:
+        from chatprocessor.contracts.stream import StreamCodec
+
+        return StreamCodec(max_bytes=settings.max_message_bytes, default_tenant=settings.tenant_id)
     if not settings.uses_models_contract:
         return ChatCodec(
             max_bytes=settings.max_message_bytes,
@@ -57,6 +71,7 @@ def build_codec(settings: Settings) -> Codec:
 def build_worker(settings: Settings) -> Worker:
     retry = RetryPolicy.from_settings(settings)
     models = settings.uses_models_contract
+    stream = settings.uses_stream_contract
     config = WorkerConfig(
         input_queue=settings.input_queue,
         output_queue=settings.text_response_topic if models else settings.rabbitmq_queue_output,
@@ -65,6 +80,7 @@ def build_worker(settings: Settings) -> Worker:
         else settings.prefetch_count,
         graceful_timeout=settings.graceful_timeout,
         system_prompt=settings.system_prompt,
+        stream_flush_interval=settings.stream_flush_ms / 1000,
         retry=retry,
         job_timeout=settings.job_timeout,
         breaker_patience=max(retry.total_backoff(), 2 * settings.breaker_reset_timeout),
@@ -74,14 +90,89 @@ def build_worker(settings: Settings) -> Worker:
         if settings.transport == "tasks" and "ollama" in settings.provider_names
         else (),
     )
+    provider = build_providers(settings)
+    chat = not models and settings.transport != "tasks"
     return Worker(
         build_transport(settings),
-        build_providers(settings),
+        provider,
         build_codec(settings),
         config,
         store=build_reply_store(settings),
         limiter=build_limiter(settings) if settings.transport == "tasks" else None,
+        conversations=build_conversations(settings, provider) if chat else None,
+        events=build_event_sink(settings) if stream else None,
+        cancels=CancelRegistry() if stream else None,
+        cancel_source=build_cancel_source(settings) if stream else None,
+        job_metrics=build_job_metrics(settings) if settings.writes_job_metrics else None,
     )
+
+
+def build_conversations(settings: Settings, provider: Provider) -> Conversations:
+    """History (Redis with REDIS_URL, else SQLite in DATA_DIR) and, for rag jobs, retrieval."""
+    from chatprocessor.features.conversation import Conversations
+    from chatprocessor.features.history import RedisHistoryStore, SQLiteHistoryStore
+    from chatprocessor.features.rag.retrieval import build_retriever
+
+    history: HistoryStore | None = None
+    if settings.history_enabled:
+        if settings.redis_url:
+            history = RedisHistoryStore(
+                settings.redis_url,
+                ttl=settings.history_ttl,
+                max_messages=settings.history_max_messages,
+            )
+        else:
+            history = SQLiteHistoryStore(
+                settings.data_dir.expanduser() / "history.sqlite3",
+                ttl=settings.history_ttl,
+                max_messages=settings.history_max_messages,
+            )
+    return Conversations(
+        provider,
+        history=history,
+        retriever=functools.partial(build_retriever, settings, provider),
+        max_tokens=settings.history_max_tokens,
+        max_messages=settings.history_max_messages,
+        system_prompt=settings.system_prompt,
+    )
+
+
+def build_event_sink(settings: Settings) -> EventSink:
+    """EVENTS_SINK: the Redis Stream EVENTS_STREAM, or the RabbitMQ exchange EVENTS_EXCHANGE."""
+    if settings.events_sink == "rabbitmq":
+        from chatprocessor.events.rabbitmq_sink import RabbitMQEventSink
+
+        return RabbitMQEventSink(settings.rabbitmq_url, exchange=settings.events_exchange)
+    from chatprocessor.events.redis_sink import RedisStreamSink
+
+    assert settings.redis_url is not None  # checked by Settings
+    return RedisStreamSink(
+        settings.redis_url, stream=settings.events_stream, maxlen=settings.events_stream_maxlen
+    )
+
+
+def build_cancel_source(settings: Settings) -> CancelSource | None:
+    """Cancel requests: the Redis Stream CANCEL_STREAM with REDIS_URL, else the RabbitMQ
+    fanout exchange CANCEL_EXCHANGE when RabbitMQ is in use; None: jobs cannot be cancelled."""
+    if settings.redis_url:
+        from chatprocessor.events.cancel import RedisCancelSource
+
+        return RedisCancelSource(settings.redis_url, stream=settings.cancel_stream)
+    if settings.transport == "rabbitmq" or settings.events_sink == "rabbitmq":
+        from chatprocessor.events.cancel import RabbitMQCancelSource
+
+        return RabbitMQCancelSource(settings.rabbitmq_url, exchange=settings.cancel_exchange)
+    log.warning("no REDIS_URL and no RabbitMQ: cancel requests cannot reach this worker")
+    return None
+
+
+def build_job_metrics(settings: Settings) -> JobMetrics:
+    """llm_jobs / llm_messages in DATABASE_URL (SQLite in DATA_DIR by default)."""
+    from chatprocessor.stores.database import create_engine, database_url
+    from chatprocessor.stores.job_metrics import JobMetrics
+
+    url = database_url(settings.database_url, settings.data_dir.expanduser())
+    return JobMetrics(create_engine(url))
 
 
 def build_limiter(settings: Settings) -> RateLimiter | None:
@@ -143,6 +234,7 @@ async def run_service(settings: Settings, stop: asyncio.Event) -> None:
         await worker.transport.close()
         await worker.provider.close()
         await worker.store.close()
+        await worker.close_features()
         if worker.limiter is not None:
             await worker.limiter.close()
         if ops is not None:

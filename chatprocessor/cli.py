@@ -1,4 +1,4 @@
-"""The ``chatprocessor`` command: run, send, check, dlq."""
+"""The ``chatprocessor`` command: run, send, check, chat, cancel, ingest, dlq, db, rag."""
 
 from __future__ import annotations
 
@@ -121,6 +121,8 @@ def send(
     from chatprocessor.transports import build_transport
 
     settings = _settings()
+    if settings.uses_stream_contract:
+        _fail("with CONTRACT=stream (seed 003's chat.request) use `chatprocessor chat`", 2)
     if settings.uses_models_contract:
         _fail(
             "`send` speaks the chat contract (UserPromptReceived); with the models contract "
@@ -241,9 +243,17 @@ def version() -> None:
 
 
 def _add_subcommands() -> None:
+    from chatprocessor.cli_db import app as db_app
     from chatprocessor.cli_dlq import app as dlq_app
+    from chatprocessor.cli_rag import ingest, rag_app
+    from chatprocessor.cli_stream import cancel, chat
 
     app.add_typer(dlq_app, name="dlq")
+    app.add_typer(db_app, name="db")
+    app.add_typer(rag_app, name="rag")
+    app.command("ingest")(ingest)
+    app.command("chat")(chat)
+    app.command("cancel")(cancel)
 
 
 _add_subcommands()

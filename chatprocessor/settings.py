@@ -57,10 +57,11 @@ class Settings(BaseSettings):
     prefetch_count: int = Field(1, ge=1, le=1000)
 
     # Where jobs come from and who answers them.
-    transport: Literal["local", "rabbitmq", "kafka", "tasks"] = "local"
+    transport: Literal["local", "rabbitmq", "kafka", "redis", "tasks"] = "local"
     #: chat: seed 000's UserPromptReceived; models: seed 001's photo/text requests;
-    #: auto: models with TRANSPORT=kafka, chat otherwise.
-    contract: Literal["auto", "chat", "models"] = "auto"
+    #: stream: seed 003's chat.request with answers as events on a Redis Stream;
+    #: auto: models with TRANSPORT=kafka, stream with TRANSPORT=redis, chat otherwise.
+    contract: Literal["auto", "chat", "models", "stream"] = "auto"
     providers: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["embedded"])
 
     # RabbitMQ, beyond the seed.
@@ -71,6 +72,45 @@ class Settings(BaseSettings):
     ollama_connect_timeout: float = Field(5.0, gt=0)
     #: Pull the configured model through /api/pull at start-up when /api/tags lacks it.
     pull_missing_models: bool = False
+
+    # The streaming chat door (seed 003): CONTRACT=stream.
+    #: Topic (Kafka), queue (RabbitMQ) or stream (Redis) of chat.request jobs.
+    chat_request_topic: str = Field("chat.request", min_length=1)
+    #: Where the answer's events go: a Redis Stream (SSE gateways) or a RabbitMQ exchange.
+    events_sink: Literal["redis", "rabbitmq"] = "redis"
+    events_stream: str = Field("sse:chat:events", min_length=1)
+    events_stream_maxlen: int = Field(10_000, ge=100)
+    events_exchange: str = Field("chat.events", min_length=1)
+    #: Streamed tokens are batched for this long before one event (or chunk) is sent.
+    stream_flush_ms: float = Field(5.0, ge=0, le=1000)
+    #: Cancel requests: a Redis Stream every worker reads, or a RabbitMQ fanout exchange.
+    cancel_stream: str = Field("sse:chat:cancel", min_length=1)
+    cancel_exchange: str = Field("chat.cancel", min_length=1)
+    #: Whose data a job may see when its door names no tenant.
+    tenant_id: str = Field("default", min_length=1)
+
+    # Conversation history (chat and stream doors): Redis with REDIS_URL, else SQLite.
+    history_enabled: bool = True
+    #: The context window sent to the model: system prompt, history, new message.
+    history_max_tokens: int = Field(2048, ge=64)
+    history_max_messages: int = Field(50, ge=0)
+    history_ttl: float = Field(7 * 86_400.0, gt=0)
+
+    # Job metrics (llm_jobs, llm_messages) and RAG documents: SQLite in DATA_DIR by default.
+    database_url: str | None = None
+    #: auto: on for the stream door, off for the others (their hot path stays as it is).
+    job_metrics: Literal["auto", "on", "off"] = "auto"
+    rag_top_k: int = Field(4, ge=1, le=50)
+    rag_chunk_tokens: int = Field(300, ge=32, le=4000)
+    rag_chunk_overlap: int = Field(40, ge=0)
+
+    # TRANSPORT=redis: Redis Streams with a consumer group.
+    redis_stream_group: str = Field("chatprocessor", min_length=1)
+    #: Deliveries after which an entry goes to <stream>.dlq (a crash loop cannot go on).
+    redis_max_deliveries: int = Field(5, ge=1)
+    #: Entries pending this long on a dead consumer are claimed by another (XAUTOCLAIM).
+    redis_claim_idle: float = Field(60.0, gt=0)
+    redis_stream_maxlen: int = Field(100_000, ge=100)
 
     # The task API door (seed 002, names and defaults kept): TRANSPORT=tasks.
     api_base_url: str = "http://localhost:3000"
@@ -183,12 +223,24 @@ class Settings(BaseSettings):
         return self.contract == "models" or (self.contract == "auto" and self.transport == "kafka")
 
     @property
+    def uses_stream_contract(self) -> bool:
+        return self.contract == "stream" or (self.contract == "auto" and self.transport == "redis")
+
+    @property
+    def writes_job_metrics(self) -> bool:
+        return self.job_metrics == "on" or (
+            self.job_metrics == "auto" and self.uses_stream_contract
+        )
+
+    @property
     def input_queue(self) -> str:
         """Where jobs come from: seed 001's topic for the models contract, else seed 000's."""
         if self.transport == "tasks":
             return "ai-tasks"
         if self.uses_models_contract:
             return self.local_model_kafka_topic
+        if self.uses_stream_contract:
+            return self.chat_request_topic
         return self.rabbitmq_queue_input
 
     @field_validator("providers", mode="before")
@@ -241,9 +293,11 @@ class Settings(BaseSettings):
 
     @property
     def uses_data_dir(self) -> bool:
-        """The local transport, and the idempotency store without REDIS_URL, keep files there."""
-        local_store = self.idempotency_ttl > 0 and self.redis_url is None
-        return self.transport == "local" or local_store
+        """The local transport, the idempotency and history stores without REDIS_URL, and
+        job metrics without DATABASE_URL keep files there."""
+        local_store = (self.idempotency_ttl > 0 or self.history_enabled) and self.redis_url is None
+        local_db = self.writes_job_metrics and not self.database_url
+        return self.transport == "local" or local_store or local_db
 
     @model_validator(mode="after")
     def _check_data_dir(self) -> Settings:
@@ -271,6 +325,15 @@ class Settings(BaseSettings):
                 f"RABBITMQ_CONSUMER_TIMEOUT ({self.rabbitmq_consumer_timeout:g}s, the broker's "
                 "consumer_timeout)"
             )
+        if self.transport == "redis" and not self.redis_url:
+            raise ValueError("TRANSPORT=redis needs REDIS_URL (e.g. redis://localhost:6379/0)")
+        if self.uses_stream_contract and self.events_sink == "redis" and not self.redis_url:
+            raise ValueError(
+                "CONTRACT=stream sends its events to a Redis Stream: set REDIS_URL "
+                "(or EVENTS_SINK=rabbitmq)"
+            )
+        if self.uses_stream_contract and self.transport in ("tasks",):
+            raise ValueError("CONTRACT=stream needs TRANSPORT=kafka, rabbitmq, redis or local")
         if (
             "openai" in self.providers
             and urlsplit(self.openai_base_url).hostname == "api.openai.com"
@@ -288,7 +351,22 @@ class Settings(BaseSettings):
                 raise ValueError("expected DEBUG, INFO, WARNING, ERROR or CRITICAL")
         return value
 
-    @field_validator("transport", "log_format", "output_naming", mode="before")
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        scheme = urlsplit(value).scheme.split("+")[0]
+        if scheme not in ("sqlite", "postgresql", "postgres"):
+            raise ValueError(
+                "expected sqlite:///path/to/file.db or postgresql://user@host:5432/db"
+            )
+        return value
+
+    @field_validator(
+        "transport", "contract", "log_format", "output_naming", "events_sink", "job_metrics",
+        mode="before",
+    )
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value

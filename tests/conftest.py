@@ -1,6 +1,7 @@
 """Shared fixtures. Tests marked ``rabbitmq`` need the broker on 127.0.0.1:5672, tests
-marked ``redis`` need Redis on 127.0.0.1:6379: locally they skip when the service is
-absent; in CI (CI=true) an absent service fails them."""
+marked ``redis`` need Redis on 127.0.0.1:6379, tests marked ``postgres`` need PostgreSQL
+on 127.0.0.1:5432 (database ``test``): locally they skip when the service is absent; in
+CI (CI=true) an absent service fails them."""
 
 from __future__ import annotations
 
@@ -18,9 +19,15 @@ from tests.fakes.ollama import FakeOllama
 
 RABBITMQ_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 _SERVICES = {
     "rabbitmq": (5672, "RabbitMQ", "rabbitmq-server -detached"),
     "redis": (6379, "Redis", "redis-server --daemonize yes --port 6379 --save ''"),
+    "postgres": (
+        5432,
+        "PostgreSQL",
+        "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start",
+    ),
 }
 IN_CI = os.environ.get("CI", "").lower() == "true"
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from pydantic import ValidationError
 
@@ -26,6 +26,8 @@ def reasons(exc: ValidationError) -> str:
 class Codec(Protocol):
     #: Decoding may take long (images): the worker runs it on a thread.
     decode_in_thread: bool
+    #: True for doors whose answers leave as events through an EventSink (EventCodec).
+    emits_events: bool
 
     def decode(
         self,
@@ -55,4 +57,16 @@ class Codec(Protocol):
 
     def encode_chunk(self, conversation_id: int | str, index: int, delta: str) -> bytes:
         """One streamed piece (only for doors whose requests can ask for streaming)."""
+        ...
+
+
+class EventCodec(Codec, Protocol):
+    """A door that answers with events (seed 003): tokens while generating, then a close."""
+
+    def token_event(self, job: Job, attempt: int, seq: int, delta: str) -> dict[str, Any]:
+        """One batch of generated text."""
+        ...
+
+    def reply_events(self, job: Job, result: Result) -> list[dict[str, Any]]:
+        """The events that close the job (what ``reply`` encodes)."""
         ...

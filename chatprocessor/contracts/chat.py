@@ -185,6 +185,8 @@ class ChatCodec:
     #: Decoding is a few microseconds: no thread needed.
     decode_in_thread = False
 
+    emits_events = False
+
     def error_job(
         self,
         body: bytes,

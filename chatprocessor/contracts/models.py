@@ -47,6 +47,8 @@ class ModelsCodec:
     #: Checking and downscaling a photo takes milliseconds of CPU: not on the event loop.
     decode_in_thread = True
 
+    emits_events = False
+
     def __init__(
         self,
         *,

@@ -25,6 +25,7 @@ from chatprocessor.tasks import known_types
 
 class TaskCodec:
     decode_in_thread = False
+    emits_events = False
 
     def __init__(self, *, max_bytes: int, supported_models: list[str] | None = None) -> None:
         self.max_bytes = max_bytes

@@ -37,6 +37,10 @@ class Job:
     meta: dict[str, Any] = field(default_factory=dict)
     #: "chat" (a conversation for the LLM), or a task type of chatprocessor/tasks.py.
     kind: str = "chat"
+    #: Whose data this job may see (history, documents); TENANT_ID when the door names none.
+    tenant: str = "default"
+    #: "gen": answer from the conversation; "rag": from retrieved passages too (seed 003).
+    mode: str = "gen"
 
     def messages(self, default_system_prompt: str = "") -> list[ChatMessage]:
         """The conversation sent to the model: optional system prompt, then the user's turn."""
@@ -56,3 +60,11 @@ class Result:
     completion_tokens: int | None = None
     latency_ms: int | None = None
     error: str | None = None
+    #: "completed", or why generation stopped early: "cancelled" or "timeout" (text is partial).
+    status: str = "completed"
+    #: Milliseconds from the call to the first generated text (streamed answers).
+    time_to_first_token_ms: int | None = None
+    #: Which provider answered (a router may fall back).
+    provider: str | None = None
+    #: RAG: the passages the answer was given, as {"source", "chunk", "score"} dicts.
+    sources: list[dict[str, Any]] = field(default_factory=list)

@@ -20,16 +20,18 @@ import dataclasses
 import functools
 import logging
 import time
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from chatprocessor.contracts.base import Codec
+from chatprocessor.contracts.base import Codec, EventCodec
 from chatprocessor.contracts.chat import body_digest, reply_message_id
 from chatprocessor.core.errors import (
     BrokerUnavailable,
     CircuitOpen,
+    Forbidden,
     InvalidModelOutput,
     MessageRejected,
     NotForUs,
@@ -41,6 +43,7 @@ from chatprocessor.core.errors import (
 )
 from chatprocessor.core.job import ChatMessage, Job, Result
 from chatprocessor.core.retry import MAX_WAIT, RetryPolicy
+from chatprocessor.core.streaming import Generation, until_cancelled
 from chatprocessor.ops import metrics
 from chatprocessor.ops.logging import conversation_id_var
 from chatprocessor.providers.base import ChatRequest, Provider, same_model
@@ -50,6 +53,7 @@ from chatprocessor.stores.replies import NoReplyStore, ReplyStore, StoredReply
 from chatprocessor.tasks import run_task
 from chatprocessor.transports.base import (
     FAILED,
+    FORBIDDEN,
     INTERNAL_ERROR,
     REJECTED,
     REPLY_REFUSED,
@@ -58,6 +62,12 @@ from chatprocessor.transports.base import (
     Outgoing,
     Transport,
 )
+
+if TYPE_CHECKING:
+    from chatprocessor.events.cancel import CancelRegistry, CancelScope, CancelSource
+    from chatprocessor.events.sink import EventSink
+    from chatprocessor.features.conversation import Conversations
+    from chatprocessor.stores.job_metrics import JobMetrics, JobRecord
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +110,19 @@ class Worker:
         store: ReplyStore | None = None,
         *,
         limiter: RateLimiter | None = None,
+        conversations: Conversations | None = None,
+        events: EventSink | None = None,
+        cancels: CancelRegistry | None = None,
+        cancel_source: CancelSource | None = None,
+        job_metrics: JobMetrics | None = None,
     ) -> None:
         self.transport = transport
         self.limiter = limiter
+        self.conversations = conversations
+        self.events = events
+        self.cancels = cancels
+        self.cancel_source = cancel_source
+        self.job_metrics = job_metrics
         self.provider = provider
         self.codec = codec
         self.config = config
@@ -124,7 +144,24 @@ class Worker:
         # Opens the store now, not under the first job.
         if not await self.store.ping():
             log.warning("idempotency store unavailable; jobs will be answered without it")
+        if self.events is not None:
+            await self.events.connect()
+        if self.conversations is not None:
+            await self.conversations.start()
+        if self.job_metrics is not None:
+            await self.job_metrics.start()
         await self.check_provider()
+
+    async def close_features(self) -> None:
+        """Close what ``start`` opened besides the transport, provider and store."""
+        if self.cancel_source is not None:
+            await self.cancel_source.close()
+        if self.events is not None:
+            await self.events.close()
+        if self.conversations is not None:
+            await self.conversations.close()
+        if self.job_metrics is not None:
+            await self.job_metrics.close()  # writes what is still queued
 
     async def check_provider(self) -> bool:
         """Log whether the provider answers and has its default model."""
@@ -199,6 +236,17 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set, then drain within the grace period."""
+        listener = None
+        if self.cancel_source is not None and self.cancels is not None:
+            listener = asyncio.create_task(self.cancel_source.run(self.cancels), name="cancels")
+        try:
+            await self._run(stop)
+        finally:
+            if listener is not None:
+                listener.cancel()
+                await asyncio.gather(listener, return_exceptions=True)
+
+    async def _run(self, stop: asyncio.Event) -> None:
         consumer = asyncio.create_task(self._consume(), name="consumer")
         stopper = asyncio.create_task(stop.wait(), name="stop")
         done, _ = await asyncio.wait({consumer, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -335,13 +383,17 @@ class Worker:
             " [redelivered]" if delivery.redelivered else "",
         )
         log.debug("prompt: %s", job.prompt)
+        if self.job_metrics is not None:
+            self.job_metrics.started(self._record(job, delivery, Result("", "", status="running")))
         try:
             if job.kind != "chat":
                 result = await self._run_task(job)
             else:
-                result = await self._answer(job, delivery.attempt)
+                result = await self._converse(job, delivery.attempt)
             if job.format is not None:
                 result = await self._as_json(job, result, delivery.attempt)
+        except Forbidden as exc:
+            return await self._give_up(delivery, job, str(exc), FORBIDDEN, status="forbidden")
         except ProviderError as exc:
             return await self._failed(delivery, job, exc)
         except PublishFailed as exc:  # a streamed chunk could not be published
@@ -350,7 +402,52 @@ class Worker:
         outcome = await self._deliver(delivery, job, message)
         if outcome == "replied":
             log.info("Response published (%s ms, model %s)", result.latency_ms, result.model_used)
+            if self.conversations is not None:
+                await self.conversations.remember(job, result)
+            self._finished(job, delivery, result)
         return outcome
+
+    async def _converse(self, job: Job, attempt: int) -> Result:
+        """A chat job: its conversation (history, passages) fitted, then one LLM attempt."""
+        if self.conversations is None:
+            return await self._answer(job, attempt)
+        prepared = await self.conversations.prepare(job)
+        result = await self._answer(job, attempt, prepared.messages)
+        result.sources = prepared.sources
+        if result.prompt_tokens is None:
+            result.prompt_tokens = prepared.prompt_tokens
+        return result
+
+    def _record(self, job: Job, delivery: Delivery, result: Result) -> JobRecord:
+        from chatprocessor.stores.job_metrics import JobRecord
+
+        return JobRecord(
+            job_id=job.id,
+            tenant_id=job.tenant,
+            user_id="" if job.user_id is None else str(job.user_id),
+            session_id=str(job.conversation_id),
+            mode=job.mode,
+            model=result.model_used or job.model or self.provider.default_model,
+            provider=result.provider,
+            status=result.status,
+            error=result.error,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            latency_ms=result.latency_ms,
+            time_to_first_token_ms=result.time_to_first_token_ms,
+            attempts=delivery.attempt + 1,
+        )
+
+    def _finished(self, job: Job, delivery: Delivery, result: Result) -> None:
+        """The job's final row and messages (queued: the database never delays a job)."""
+        if self.job_metrics is None:
+            return
+        from chatprocessor.stores.job_metrics import MessageRecord
+
+        messages = [MessageRecord("user", job.prompt)]
+        if result.error is None:
+            messages.append(MessageRecord("assistant", result.text, result.completion_tokens))
+        self.job_metrics.finished(self._record(job, delivery, result), messages)
 
     async def _deliver(self, delivery: Delivery, job: Job, message: Outgoing) -> str:
         """Publish the reply (confirmed), then ack."""
@@ -412,13 +509,21 @@ class Worker:
         return "retried"
 
     async def _give_up(
-        self, delivery: Delivery, job: Job, reason: str, kind: str = RETRIES_EXHAUSTED
+        self,
+        delivery: Delivery,
+        job: Job,
+        reason: str,
+        kind: str = RETRIES_EXHAUSTED,
+        *,
+        status: str = "failed",
     ) -> str:
         """The last word: an error reply to the chat, then the dead-letter queue."""
         log.error("giving up after %d attempt(s): %s", delivery.attempt + 1, reason)
-        error = Result(text="", model_used=job.model or self.provider.default_model, error=reason)
+        model = job.model or self.provider.default_model
+        error = Result(text="", model_used=model, error=reason, status=status)
         await self._send_error_reply(job, error)
         await self._dead_letter(delivery, reason, kind)
+        self._finished(job, delivery, error)
         return "dead_lettered"
 
     async def _reject(self, delivery: Delivery, reason: str, *, kind: str = REJECTED) -> str:
@@ -433,9 +538,13 @@ class Worker:
         try:
             log.warning("rejected message %s: %s", delivery.message_id or "(no id)", reason)
             if job is not None:
-                error = Result(text="", model_used=self.provider.default_model, error=reason)
+                error = Result(
+                    text="", model_used=self.provider.default_model, error=reason, status=kind
+                )
                 await self._send_error_reply(job, error)
             await self._dead_letter(delivery, reason, kind)
+            if job is not None:
+                self._finished(job, delivery, error)
         finally:
             conversation_id_var.reset(token)
         return "rejected"
@@ -513,7 +622,11 @@ class Worker:
     async def _answer(
         self, job: Job, attempt: int = 0, messages: list[ChatMessage] | None = None
     ) -> Result:
-        """One attempt at the LLM, within JOB_TIMEOUT; raises ProviderError on failure."""
+        """One attempt at the LLM, within JOB_TIMEOUT; raises ProviderError on failure.
+
+        A door that streams events keeps what was generated when the job is cancelled
+        or runs out of time, and reports it with status ``cancelled`` or ``timeout``.
+        """
         request = ChatRequest(
             messages=messages or job.messages(self.config.system_prompt),
             model=job.model,
@@ -521,51 +634,96 @@ class Worker:
             max_tokens=job.max_tokens,
             format=job.format,
         )
-        streaming = job.stream and job.reply_to is not None
-        started = time.perf_counter()
-        parts: list[str] = []
-        pending: list[str] = []
-        index = 0
-        last_flush = started - self.config.stream_flush_interval  # the first piece goes at once
-        model = job.model or self.provider.default_model
-        prompt_tokens = completion_tokens = None
-        provider = self.provider.name
+        events = self.codec.emits_events and self.events is not None
+        send = self._piece_sink(job, attempt, events)
+        scope = self._cancel_scope(job) if events else None
+        timeout = self.config.job_timeout
+        if "timeout" in job.meta:
+            timeout = min(timeout, float(job.meta["timeout"]))
+        state = Generation(job.model or self.provider.default_model, self.provider.name)
+        status = "completed"
         try:
-            async with asyncio.timeout(self.config.job_timeout):
-                async for chunk in self.provider.chat(request, stream=streaming):
-                    parts.append(chunk.delta)
-                    if chunk.model:
-                        model = chunk.model
-                    if chunk.provider:
-                        provider = chunk.provider
-                    if chunk.done:
-                        prompt_tokens = chunk.prompt_tokens
-                        completion_tokens = chunk.completion_tokens
-                    if streaming and chunk.delta:
-                        pending.append(chunk.delta)
-                        now = time.perf_counter()
-                        if now - last_flush >= self.config.stream_flush_interval:
-                            await self._publish_chunk(job, attempt, index, "".join(pending))
-                            index, pending, last_flush = index + 1, [], now
-                if pending:
-                    await self._publish_chunk(job, attempt, index, "".join(pending))
+            async with asyncio.timeout(timeout):
+                work = self._generate(request, state, send)
+                if scope is None:
+                    await work
+                elif await until_cancelled(work, scope.event):
+                    status = "cancelled"
         except TimeoutError as exc:
-            raise ProviderTimeout(
-                f"no complete answer within JOB_TIMEOUT ({self.config.job_timeout:g}s)"
-            ) from exc
+            if not events:
+                raise ProviderTimeout(
+                    f"no complete answer within JOB_TIMEOUT ({timeout:g}s)"
+                ) from exc
+            status = "timeout"
         finally:
-            metrics.labelled(metrics.LLM_SECONDS, provider).observe(time.perf_counter() - started)
-        if prompt_tokens:
-            metrics.labelled(metrics.TOKENS, "prompt").inc(prompt_tokens)
-        if completion_tokens:
-            metrics.labelled(metrics.TOKENS, "completion").inc(completion_tokens)
+            if scope is not None and self.cancels is not None:
+                self.cancels.unregister(job.id)
+            seconds = time.perf_counter() - state.started
+            metrics.labelled(metrics.LLM_SECONDS, state.provider).observe(seconds)
+        if status != "completed":
+            log.warning("generation stopped (%s) after %d characters", status, len(state.text))
+            metrics.labelled(metrics.STOPPED_EARLY, status).inc()
+            if send is not None:
+                await state.flush(send)
+        if state.prompt_tokens:
+            metrics.labelled(metrics.TOKENS, "prompt").inc(state.prompt_tokens)
+        if state.completion_tokens:
+            metrics.labelled(metrics.TOKENS, "completion").inc(state.completion_tokens)
         return Result(
-            text="".join(parts).strip(),
-            model_used=model,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            latency_ms=_ms_since(started),
+            text=state.text.strip(),
+            model_used=state.model,
+            prompt_tokens=state.prompt_tokens,
+            completion_tokens=state.completion_tokens,
+            latency_ms=_ms_since(state.started),
+            status=status,
+            time_to_first_token_ms=state.ms_to_first_token(),
+            provider=state.provider,
         )
+
+    async def _generate(self, request: ChatRequest, state: Generation, send: Any) -> None:
+        """Read the provider's chunks into ``state``, sending text in batches by time."""
+        interval = self.config.stream_flush_interval
+        state.last_flush = state.started - interval  # the first piece goes at once
+        async for chunk in self.provider.chat(request, stream=send is not None):
+            if chunk.delta:
+                state.parts.append(chunk.delta)
+                if state.first_token_at is None:
+                    state.first_token_at = time.perf_counter()
+                    if send is not None:
+                        metrics.TIME_TO_FIRST_TOKEN.observe(state.first_token_at - state.started)
+                if send is not None:
+                    state.pending.append(chunk.delta)
+                    if time.perf_counter() - state.last_flush >= interval:
+                        await state.flush(send)
+            if chunk.model:
+                state.model = chunk.model
+            if chunk.provider:
+                state.provider = chunk.provider
+            if chunk.done:
+                state.prompt_tokens = chunk.prompt_tokens
+                state.completion_tokens = chunk.completion_tokens
+        if send is not None:
+            await state.flush(send)
+
+    def _piece_sink(self, job: Job, attempt: int, events: bool) -> Any:
+        """Where streamed text goes: token events, chunks to the requester's queue, or nowhere."""
+        if events:
+            codec = typing.cast(EventCodec, self.codec)
+            sink = self.events
+            assert sink is not None
+
+            async def send_event(index: int, delta: str) -> None:
+                await sink.send((codec.token_event(job, attempt, index, delta),))
+
+            return send_event
+        if job.stream and job.reply_to is not None:
+            return functools.partial(self._publish_chunk, job, attempt)
+        return None
+
+    def _cancel_scope(self, job: Job) -> CancelScope | None:
+        if self.cancels is None or job.user_id is None:
+            return None
+        return self.cancels.register(job.id, str(job.user_id))
 
     async def _publish_chunk(self, job: Job, attempt: int, index: int, delta: str) -> None:
         assert job.reply_to is not None
@@ -590,6 +748,9 @@ class Worker:
 
     async def _publish_reply(self, job: Job, message: Outgoing) -> None:
         """Publish and wait for the confirm; the output queue is re-declared once if it vanished."""
+        if self.codec.emits_events and self.events is not None:
+            await self.events.send(orjson.loads(message.body))
+            return
         if job.reply_to:
             await self.transport.publish(job.reply_to, message)
             return

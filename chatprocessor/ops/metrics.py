@@ -54,6 +54,20 @@ PROVIDER_FAILURES = Counter(
 BREAKER_STATE = Gauge(
     "chatprocessor_breaker_state", "Circuit breaker state per provider", ["provider"]
 )
+OWNERSHIP_REFUSED = Counter(
+    "chatprocessor_ownership_refused_total",
+    "Jobs refused because their conversation belongs to another user",
+)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "chatprocessor_time_to_first_token_seconds",
+    "Time from the LLM call to its first generated text (streamed answers)",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+STOPPED_EARLY = Counter(
+    "chatprocessor_generations_stopped_total",
+    "Streamed answers stopped before their end, by why (cancelled, timeout)",
+    ["status"],
+)
 
 
 RATE_LIMIT = Gauge(
@@ -71,3 +85,13 @@ RATE_LIMIT_WAITS = Counter(
 def labelled(metric: MetricWrapperBase, *values: str) -> Any:
     """``metric.labels(*values)``, looked up once: label sets are few, jobs are many."""
     return metric.labels(*values)
+
+
+#: Outcomes: accepted (the owner cancelled a running job), refused (another user asked),
+#: early (a cancel that arrived before its job started here, applied when it started).
+CANCELS = Counter(
+    "chatprocessor_cancels_total", "Cancel requests for jobs running here, by outcome", ["outcome"]
+)
+EVENTS_SENT = Counter(
+    "chatprocessor_events_sent_total", "Stream events stored by the event sink", ["type"]
+)

@@ -34,11 +34,14 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from chatprocessor.core.errors import BadRequest, ModelNotFound, ProviderUnavailable
 from chatprocessor.core.job import ChatMessage
 from chatprocessor.providers.base import ChatRequest, Chunk, Embeddings, as_vectors
+
+if TYPE_CHECKING:
+    from chatprocessor.features.context import TokenCounter
 
 MODEL_NAME = "gemma3-270m"
 #: A base model stops making sense after its answer line, so one line is one answer.
@@ -267,6 +270,17 @@ class EmbeddedProvider:
             completion_tokens=len(text),
         )
 
+    async def token_counter(self, model: str | None = None) -> TokenCounter | None:
+        """The model's own tokenizer, to fit a conversation into its context; None when
+        the model cannot load (or another model is named)."""
+        if model and model != MODEL_NAME:
+            return None
+        try:
+            llama = await self._model()
+        except ProviderUnavailable:
+            return None
+        return _LlamaCounter(llama, self._executor)
+
     async def list_models(self) -> list[str]:
         return [MODEL_NAME]
 
@@ -280,3 +294,30 @@ class EmbeddedProvider:
     async def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._llama = self._embedder = None
+
+
+class _LlamaCounter:
+    """Counts with the loaded model's tokenizer, on the model thread like every llama call.
+
+    Without BOS: that is added once per prompt, not per message. Note that the transcript
+    ``chat`` builds adds a preamble and worked examples (about 40 tokens) on top.
+    """
+
+    exact = True
+    name = f"llama.cpp tokenizer ({MODEL_NAME})"
+
+    def __init__(self, llama: Any, executor: ThreadPoolExecutor) -> None:
+        self._llama = llama
+        self._executor = executor
+
+    async def count(self, texts: list[str]) -> list[int]:
+        def tokenize() -> list[int]:
+            return [
+                len(self._llama.tokenize(text.encode(), add_bos=False, special=True)) if text else 0
+                for text in texts
+            ]
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, tokenize)
+        except (ValueError, RuntimeError) as exc:  # RuntimeError also: provider closed
+            raise ProviderUnavailable(f"embedded model cannot tokenize: {exc}") from exc

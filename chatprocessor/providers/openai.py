@@ -16,6 +16,7 @@ token: those are mean-pooled here, as the embedded provider does.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any, cast
@@ -42,10 +43,14 @@ from chatprocessor.providers.base import (
 if TYPE_CHECKING:
     from openai.types.chat import ChatCompletionMessageParam
 
+    from chatprocessor.features.context import TokenCounter
+
 #: Health probes (/ready, start-up, check) must not wait OPENAI_TIMEOUT on a hung server.
 PROBE_TIMEOUT = 5.0
 #: The embedding model used when the caller names none (OpenAI's cheapest current one).
 DEFAULT_EMBEDDING_MODEL = "text-embedding-3-small"
+#: llama_cpp.server's token counting route, relative to the /v1 base URL (it sits beside it).
+TOKENIZE_ROUTE = "../extras/tokenize/count"
 #: The client insists on a key; local servers (Ollama, llama_cpp.server) ignore it.
 NO_KEY = "unused"
 # openai 3.x (on httpx2) wraps transport errors met while reading a stream in its
@@ -123,6 +128,8 @@ class OpenAIProvider:
         self._probe = self._client.with_options(
             timeout=openai.Timeout(PROBE_TIMEOUT, connect=connect_timeout)
         )
+        self._counters: dict[str, _ServerCounter] = {}
+        self._tokenize_refused = False
 
     @staticmethod
     def _options(request: ChatRequest) -> dict[str, Any]:
@@ -204,6 +211,30 @@ class OpenAIProvider:
             prompt_tokens=usage.prompt_tokens if usage else None,
         )
 
+    async def token_counter(self, model: str | None = None) -> TokenCounter | None:
+        """llama_cpp.server's own tokenizer (its ``/extras/tokenize/count`` route), to fit a
+        conversation into the model's context; None on servers without it (OpenAI, Ollama,
+        vLLM answer 404), remembered after the first refusal, or while unreachable."""
+        model = model or self.default_model
+        if self._tokenize_refused:
+            return None
+        counter = self._counters.get(model)
+        if counter is None:
+            base = httpx.URL(self.base_url.rstrip("/") + "/")
+            candidate = _ServerCounter(self._probe, str(base.join(TOKENIZE_ROUTE)), model)
+            try:
+                await candidate.calibrate()
+            except openai.APIStatusError as exc:
+                self._tokenize_refused = 400 <= exc.status_code < 500  # 5xx: ask again later
+                return None
+            except ValueError:  # the route answers, but not with a count: not llama_cpp
+                self._tokenize_refused = True
+                return None
+            except _CLIENT_ERRORS:
+                return None  # unreachable now: ask again next time
+            counter = self._counters[model] = candidate
+        return counter
+
     async def list_models(self) -> list[str]:
         try:
             page = await self._probe.models.list()
@@ -220,3 +251,45 @@ class OpenAIProvider:
 
     async def close(self) -> None:
         await self._client.close()
+
+
+class _ServerCounter:
+    """Counts with llama_cpp.server's tokenizer: one request per text, on the client's pool.
+
+    The server always adds the model's BOS token; ``calibrate`` counts an empty text
+    once to learn how many that is, and counts are given without it. Each request
+    waits for the server's model lock, and with its default ``--interrupt_requests``
+    ends a stream another job has running there (as any second request does): wrap it
+    in a CachedCounter so history is counted once.
+    """
+
+    exact = True
+
+    def __init__(self, client: openai.AsyncOpenAI, url: str, model: str) -> None:
+        self.name = f"llama_cpp.server tokenizer ({model})"
+        self._client = client
+        self._url = url
+        self._model = model
+        self._bos = 0
+
+    async def _tokens(self, text: str) -> int:
+        # cast_to=object: the parsed JSON, whichever HTTP library this client version uses.
+        answer = await self._client.post(
+            self._url, cast_to=object, body={"input": text, "model": self._model}
+        )
+        count = answer.get("count") if isinstance(answer, dict) else None
+        if not isinstance(count, int) or isinstance(count, bool):
+            raise ValueError(f"no token count in the answer: {str(answer)[:200]!r}")
+        return count
+
+    async def calibrate(self) -> None:
+        """Probe the route, and learn what the server adds to every text."""
+        self._bos = await self._tokens("")
+
+    async def count(self, texts: list[str]) -> list[int]:
+        try:
+            counts = await asyncio.gather(*(self._tokens(t) for t in texts if t))
+        except _CLIENT_ERRORS as exc:
+            raise translate(exc, self._model) from exc
+        found = iter(counts)
+        return [max(0, next(found) - self._bos) if t else 0 for t in texts]

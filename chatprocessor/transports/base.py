@@ -46,6 +46,7 @@ MAX_ATTEMPT = 1_000_000
 
 #: Dead-letter reasons.
 REJECTED = "rejected"  # the message itself is bad: permanent, no attempt made
+FORBIDDEN = "forbidden"  # the sender may not ask for it (another user's conversation)
 FAILED = "failed"  # a permanent error while processing (e.g. the provider refused it)
 RETRIES_EXHAUSTED = "retries_exhausted"
 REPLY_REFUSED = "reply_refused"  # the broker would not take the reply

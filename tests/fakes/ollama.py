@@ -108,6 +108,16 @@ def fake_embedding(text: str, dim: int = _EMBED_DIM) -> list[float]:
     return [v / norm for v in raw]
 
 
+def word_embedding(text: str, dim: int = 256) -> list[float]:
+    """A vector with meaning, for retrieval tests: hashed bag of lower-cased words, L2-normalised
+    (texts sharing words point the same way; nothing like a real model, but not noise)."""
+    raw = [0.0] * dim
+    for word in re.findall(r"[a-z0-9]+", text.lower()):
+        raw[int.from_bytes(hashlib.sha256(word.encode()).digest()[:4], "big") % dim] += 1.0
+    norm = math.sqrt(sum(v * v for v in raw)) or 1.0
+    return [v / norm for v in raw]
+
+
 def _now() -> str:
     """RFC 3339 timestamp like Ollama's ``created_at``."""
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
@@ -257,6 +267,8 @@ class FakeOllama:
         self.pullable: set[str] | None = None
         #: Seconds between two progress lines of a streamed pull.
         self.pull_delay = 0.0
+        #: Makes each text's vector (text, dimensions): noise by default; word_embedding has meaning.
+        self.embedder: Callable[[str, int], list[float]] = fake_embedding
 
         self.requests: list[JSONDict] = []
         self.in_flight = 0
@@ -739,7 +751,7 @@ class FakeOllama:
             if isinstance(dimensions, int) and not isinstance(dimensions, bool) and dimensions > 0:
                 size = dimensions  # Ollama cuts and renormalises; the fake makes them that long
             return {
-                "embeddings": [fake_embedding(t, size) for t in texts],
+                "embeddings": [self.embedder(t, size) for t in texts],
                 "total_duration": time.perf_counter_ns() - started,
                 "load_duration": 1_000,
                 "prompt_eval_count": sum(_word_count(t) for t in texts),

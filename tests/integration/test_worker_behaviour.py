@@ -1,7 +1,8 @@
-"""Worker behaviour written once and run against every transport: local SQLite, RabbitMQ, Kafka.
+"""Worker behaviour written once and run against every transport: local SQLite, RabbitMQ,
+Redis Streams, Kafka.
 
-Every test drives a real Worker with the fake Ollama as provider; the RabbitMQ
-variant talks to the real broker on this machine. No Kafka broker can be installed
+Every test drives a real Worker with the fake Ollama as provider; the RabbitMQ and
+Redis variants talk to the real services on this machine. No Kafka broker can be installed
 on these machines: the Kafka variant runs KafkaTransport against the in-memory
 cluster of tests/fakes/kafka.py, which keeps aiokafka's calls.
 """
@@ -29,7 +30,8 @@ from chatprocessor.transports.base import DeadLetter, Delivery, Outgoing, Transp
 from chatprocessor.transports.kafka import KafkaTransport
 from chatprocessor.transports.local import LocalTransport
 from chatprocessor.transports.rabbitmq import RabbitMQTransport
-from tests.conftest import RABBITMQ_URL
+from chatprocessor.transports.redis_streams import RedisStreamsTransport, delayed_name
+from tests.conftest import RABBITMQ_URL, REDIS_URL
 from tests.fakes.kafka import FakeKafka
 from tests.fakes.ollama import FakeOllama
 
@@ -109,13 +111,22 @@ def make_transport(kind: str, tmp_path: Path, cluster: FakeKafka, group: str) ->
         return LocalTransport(tmp_path / "queue.sqlite3", visibility_timeout=2)
     if kind == "kafka":
         return KafkaTransport(cluster.clients(), group_id=group)
+    if kind == "redis":
+        return RedisStreamsTransport(REDIS_URL, group=group, claim_idle=5)
     return RabbitMQTransport(RABBITMQ_URL, retry_tiers=RETRY_TIERS)
 
 
 RETRY_TIERS = [0.05, 0.1]
 
 
-@pytest.fixture(params=["local", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq), "kafka"])
+@pytest.fixture(
+    params=[
+        "local",
+        pytest.param("rabbitmq", marks=pytest.mark.rabbitmq),
+        pytest.param("redis", marks=pytest.mark.redis),
+        "kafka",
+    ]
+)
 def kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -167,6 +178,14 @@ async def start_env(
             for queue in (env.input_queue, env.output_queue, *derived):
                 with contextlib.suppress(Exception):
                     await channel.queue_delete(queue)
+        if isinstance(env.client, RedisStreamsTransport):
+            with contextlib.suppress(Exception):
+                await env.client.client.delete(
+                    env.input_queue,
+                    env.output_queue,
+                    f"{env.input_queue}.dlq",
+                    delayed_name(env.input_queue),
+                )
         await env.client.close()
 
 

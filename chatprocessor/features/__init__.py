@@ -1,0 +1,1 @@
+"""Pipeline steps: history, context window, retrieval..."""
