@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from chatprocessor.core.errors import ChatProcessorError
@@ -60,7 +61,7 @@ def ingest(
 
     def show(path: Path, outcome: str) -> None:
         colour = {"ingested": "green", "skipped": "dim", "failed": "red"}[outcome]
-        err.print(f"[{colour}]{outcome:>8}[/] {path}", highlight=False)
+        err.print(f"[{colour}]{outcome:>8}[/] {escape(str(path))}", highlight=False)
 
     async def main() -> tuple[IngestReport, str]:
         store = await open_store(settings)
@@ -99,10 +100,11 @@ def _print_report(report: IngestReport, tenant: str, kind: str) -> None:
     )
     out.print(table)
     for path, why in report.failed:
-        out.print(f"[red]failed[/] {path}: {why}", highlight=False)
+        out.print(f"[red]failed[/] {escape(path)}: {escape(why)}", highlight=False)
     if report.lexical_only:
         out.print(
-            f"[yellow]warning:[/] {report.lexical_only}: chunks stored for lexical search only",
+            f"[yellow]warning:[/] {escape(report.lexical_only)}: "
+            "chunks stored for lexical search only",
             highlight=False,
         )
 
@@ -142,16 +144,18 @@ def search(
     if not passages:
         typer.echo(f"no passage matches (tenant {tenant!r})")
         return
-    table = Table("#", "score", "lexical", "vector", "source", "title", "text")
+    out = Console()
     for number, p in enumerate(passages, start=1):
-        text = " ".join(p.text.split())
-        table.add_row(
-            str(number),
-            f"{p.score:.4f}",
-            "-" if p.lexical_rank is None else str(p.lexical_rank),
-            "-" if p.vector_rank is None else str(p.vector_rank),
-            p.source,
-            p.title or "",
-            text[:120] + ("…" if len(text) > 120 else ""),
+        lexical = "-" if p.lexical_rank is None else f"#{p.lexical_rank}"
+        vector = "-" if p.vector_rank is None else f"#{p.vector_rank}"
+        text = escape(" ".join(p.text.split()))
+        out.print(
+            f"[bold][{number}][/] score {p.score:.4f}  lexical {lexical}  vector {vector}  "
+            f"chunk {p.chunk_id}\n    {escape(p.source)}"
+            + (f"  ({escape(p.title)})" if p.title else ""),
+            highlight=False,
+            soft_wrap=True,
         )
-    Console().print(table)
+        out.print(
+            f"    {text[:300]}{'…' if len(text) > 300 else ''}", highlight=False, soft_wrap=True
+        )

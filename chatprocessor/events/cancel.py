@@ -13,6 +13,7 @@ a job not running here is remembered for a while, since it may have overtaken it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -24,7 +25,7 @@ import orjson
 import redis.asyncio as redis
 
 from chatprocessor.core.errors import BrokerUnavailable, PublishFailed
-from chatprocessor.events.redis_sink import UNREACHABLE, redis_client
+from chatprocessor.events.redis_sink import CALL_TIMEOUT, UNREACHABLE, redis_client
 from chatprocessor.events.sink import safe_url
 from chatprocessor.ops.metrics import CANCELS, labelled
 
@@ -50,6 +51,8 @@ audit = logging.getLogger("chatprocessor.audit")
 CANCELLED = "cancelled"
 DEFAULT_CANCEL_STREAM = "sse:chat:cancel"
 DEFAULT_CANCEL_EXCHANGE = "chat.cancel"
+#: The cancel listener's name in Redis's CLIENT LIST.
+CANCEL_CLIENT_NAME = "chatprocessor-cancel"
 _BACKOFF_START = 0.5
 _BACKOFF_CAP = 30.0
 #: Different users remembered per unknown job; more are dropped oldest first.
@@ -219,28 +222,36 @@ class RedisCancelSource:
     cancel sent meanwhile still arrives."""
 
     def __init__(
-        self, url: str, *, stream: str = DEFAULT_CANCEL_STREAM, block: float = 1.0
+        self,
+        url: str,
+        *,
+        stream: str = DEFAULT_CANCEL_STREAM,
+        block: float = 1.0,
+        client_name: str = CANCEL_CLIENT_NAME,
     ) -> None:
         self.stream = stream
         #: Set once the source reads the stream: cancels sent from then on are seen.
         self.started = asyncio.Event()
         self._safe_url = safe_url(url)
         self._block_ms = max(1, round(block * 1000))
-        # The socket timeout outlasts the BLOCK, so only a dead connection times out.
-        self._redis = redis_client(url, socket_timeout=block + 5)
+        self._redis = redis_client(url, name=client_name)
 
     async def run(self, registry: CancelRegistry) -> None:
         last_id: bytes | str | None = None
         delay = _BACKOFF_START
         while True:
             try:
-                if last_id is None:
-                    last_id = await self._tail()
-                    self.started.set()
-                    log.info("listening for cancels on Redis %s, %r", self._safe_url, self.stream)
-                reply = await self._redis.xread(
-                    {self.stream: last_id}, count=100, block=self._block_ms
-                )
+                # The deadline outlasts the BLOCK, so only a dead connection times out.
+                async with asyncio.timeout(self._block_ms / 1000 + CALL_TIMEOUT):
+                    if last_id is None:
+                        last_id = await self._tail()
+                        self.started.set()
+                        log.info(
+                            "listening for cancels on Redis %s, %r", self._safe_url, self.stream
+                        )
+                    reply: Any = await self._redis.xread(
+                        {self.stream: last_id}, count=100, block=self._block_ms
+                    )
             except (redis.RedisError, OSError) as exc:
                 log.warning(
                     "cancel stream %r on Redis %s failed (%s); retrying in %.1fs",
@@ -253,15 +264,14 @@ class RedisCancelSource:
                 delay = min(delay * 2, _BACKOFF_CAP)
                 continue
             delay = _BACKOFF_START
-            for _stream, entries in reply or ():
-                for entry_id, fields in entries:
-                    last_id = entry_id
-                    _deliver(registry, parse_cancel(fields), f"entry {entry_id!r}")
+            for entry_id, fields in _entries(reply):
+                last_id = entry_id
+                _deliver(registry, parse_cancel(fields or {}), f"entry {entry_id!r}")
 
     async def _tail(self) -> bytes | str:
         """The id of the newest entry: reading from it sees exactly what comes next."""
-        newest = await self._redis.xrevrange(self.stream, count=1)
-        return newest[0][0] if newest else "0-0"  # type: ignore[no-any-return]
+        newest: Any = await self._redis.xrevrange(self.stream, count=1)
+        return newest[0][0] if newest else "0-0"
 
     async def close(self) -> None:
         await self._redis.aclose()
@@ -273,15 +283,22 @@ async def send_cancel_redis(
     """Ask every worker to cancel ``job_id`` on behalf of ``user_id`` (a client's helper)."""
     client = redis_client(url)
     try:
-        await client.xadd(
-            stream, {"jobId": job_id, "userId": user_id}, maxlen=10_000, approximate=True
-        )
+        async with asyncio.timeout(CALL_TIMEOUT):
+            await client.xadd(
+                stream, {"jobId": job_id, "userId": user_id}, maxlen=10_000, approximate=True
+            )
     except UNREACHABLE as exc:
         raise BrokerUnavailable(f"cannot reach Redis at {safe_url(url)}: {exc}") from exc
     except redis.RedisError as exc:
         raise PublishFailed(f"Redis refused the cancel: {exc}") from exc
     finally:
         await client.aclose()
+
+
+def _entries(reply: Any) -> list[tuple[Any, Any]]:
+    """The (id, fields) pairs of an XREAD reply (RESP2, the client's default protocol:
+    a list of [stream, entries], empty or None when BLOCK timed out)."""
+    return [tuple(entry) for _stream, entries in reply or () for entry in entries]
 
 
 def _deliver(registry: CancelRegistry, request: tuple[str, str] | None, what: str) -> None:
@@ -293,3 +310,107 @@ def _deliver(registry: CancelRegistry, request: tuple[str, str] | None, what: st
         registry.request(*request)
     except Exception:  # one bad request must not stop the listener
         log.exception("cancel %s failed", what)
+
+
+# -- RabbitMQ --------------------------------------------------------------------------
+
+
+class RabbitMQCancelSource:
+    """A private queue per worker (exclusive, auto-deleted) bound to a fanout exchange:
+    every worker gets every request. aio-pika's robust connection declares the queue, its
+    binding and its consumer again after a reconnect; the queue has a client-chosen unique
+    name for that reason (a server-named one would change). Unlike the Redis source, a
+    request sent while this worker is disconnected is lost (its queue is gone meanwhile)."""
+
+    def __init__(self, url: str, *, exchange: str = DEFAULT_CANCEL_EXCHANGE) -> None:
+        self.exchange = exchange
+        #: Set once the queue is bound: cancels sent from then on are seen.
+        self.started = asyncio.Event()
+        self._url = url
+        self._safe_url = safe_url(url)
+        self._connection: Any = None
+
+    async def run(self, registry: CancelRegistry) -> None:
+        import aio_pika
+        import aiormq
+
+        from chatprocessor.events.rabbitmq_sink import CONNECTION_ERRORS, connection_name
+
+        async def on_message(message: Any) -> None:
+            try:
+                fields = orjson.loads(message.body)
+            except orjson.JSONDecodeError:
+                fields = None
+            request = parse_cancel(fields) if isinstance(fields, dict) else None
+            _deliver(registry, request, f"message {message.message_id!r}")
+
+        delay = _BACKOFF_START
+        try:
+            while True:
+                try:
+                    self._connection = connection = await aio_pika.connect_robust(
+                        self._url,
+                        timeout=10,
+                        client_properties={"connection_name": connection_name("cancel")},
+                        # Requests sent while disconnected are lost: come back soon.
+                        reconnect_interval=1,
+                    )
+                    channel = await connection.channel()
+                    exchange = await channel.declare_exchange(
+                        self.exchange, aio_pika.ExchangeType.FANOUT, durable=True
+                    )
+                    queue = await channel.declare_queue(None, exclusive=True, auto_delete=True)
+                    await queue.bind(exchange)
+                    await queue.consume(on_message, no_ack=True)
+                    break
+                except (*CONNECTION_ERRORS, aiormq.exceptions.AMQPError) as exc:
+                    await self.close()
+                    log.warning(
+                        "cancel exchange %r on RabbitMQ %s failed (%s); retrying in %.1fs",
+                        self.exchange,
+                        self._safe_url,
+                        exc,
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, _BACKOFF_CAP)
+            self.started.set()
+            log.info("listening for cancels on RabbitMQ %s, %r", self._safe_url, self.exchange)
+            await asyncio.Future()  # the robust connection consumes until we are cancelled
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.close()
+
+
+async def send_cancel_rabbitmq(
+    url: str, job_id: str, user_id: str, exchange: str = DEFAULT_CANCEL_EXCHANGE
+) -> None:
+    """Ask every worker to cancel ``job_id`` on behalf of ``user_id`` (a client's helper)."""
+    import aio_pika
+    import aiormq
+
+    from chatprocessor.events.rabbitmq_sink import CONNECTION_ERRORS
+
+    try:
+        connection = await aio_pika.connect(url, timeout=10)
+    except CONNECTION_ERRORS as exc:
+        raise BrokerUnavailable(f"cannot reach RabbitMQ at {safe_url(url)}: {exc}") from exc
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        fanout = await channel.declare_exchange(
+            exchange, aio_pika.ExchangeType.FANOUT, durable=True
+        )
+        message = aio_pika.Message(cancel_body(job_id, user_id), content_type="application/json")
+        await fanout.publish(message, routing_key="", mandatory=False)
+    except aiormq.exceptions.DeliveryError as exc:
+        raise PublishFailed(f"RabbitMQ refused the cancel for {job_id}") from exc
+    except (*CONNECTION_ERRORS, aiormq.exceptions.AMQPError) as exc:
+        raise BrokerUnavailable(f"sending the cancel for {job_id} failed: {exc}") from exc
+    finally:
+        with contextlib.suppress(Exception):
+            await connection.close()

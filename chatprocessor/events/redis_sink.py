@@ -10,6 +10,7 @@ lost is sent again, so readers drop repeats by (jobId, seq).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -23,7 +24,14 @@ from chatprocessor.core.errors import BrokerUnavailable, MalformedMessage, Publi
 from chatprocessor.events.sink import event_json, safe_url
 from chatprocessor.ops.metrics import EVENTS_SENT, labelled
 
-__all__ = ["DEFAULT_EVENTS_STREAM", "RedisStreamSink", "read_entry", "redis_client", "stream_entry"]
+__all__ = [
+    "CALL_TIMEOUT",
+    "DEFAULT_EVENTS_STREAM",
+    "RedisStreamSink",
+    "read_entry",
+    "redis_client",
+    "stream_entry",
+]
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +44,24 @@ UNREACHABLE: tuple[type[BaseException], ...] = (
 )
 
 
-def redis_client(url: str, *, socket_timeout: float | None = 5.0) -> redis.Redis:
+#: Seconds a Redis call may take before the server counts as unreachable.
+CALL_TIMEOUT = 5.0
+
+
+def redis_client(url: str, *, name: str | None = None) -> redis.Redis:
     """A client with one connection pool and a short retry (one stale pooled connection is
-    replaced at once; a Redis that is down fails in milliseconds, not after backoff)."""
+    replaced at once; a Redis that is down fails in milliseconds, not after backoff).
+    ``name`` is shown by CLIENT LIST.
+
+    No ``socket_timeout``: with one, redis-py wraps each write in ``asyncio.wait_for``,
+    which on Python 3.11 can swallow a task's cancellation (the task then runs on, e.g.
+    blocked in the next XREAD). Callers bound each call with ``asyncio.timeout`` instead.
+    """
     return redis.Redis.from_url(
         url,
-        socket_connect_timeout=5,
-        socket_timeout=socket_timeout,
+        client_name=name,
+        socket_connect_timeout=CALL_TIMEOUT,
+        socket_timeout=None,  # redis-py 8's default is 5 s
         retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),
         health_check_interval=30,
     )
@@ -86,11 +105,13 @@ class RedisStreamSink:
         self.stream = stream
         self.maxlen = maxlen
         self._safe_url = safe_url(url)
-        self._redis = redis_client(url)  # connects lazily, then reuses its pool
+        # Connects lazily, then reuses its pool.
+        self._redis = redis_client(url, name="chatprocessor-events")
 
     async def connect(self) -> None:
         try:
-            await self._redis.ping()
+            async with asyncio.timeout(CALL_TIMEOUT):
+                await self._redis.ping()
         except UNREACHABLE as exc:
             raise BrokerUnavailable(f"cannot reach Redis at {self._safe_url}: {exc}") from exc
         log.info("stream events go to Redis %s, stream %r", self._safe_url, self.stream)
@@ -98,16 +119,17 @@ class RedisStreamSink:
     async def send(self, events: Sequence[Mapping[str, Any]]) -> None:
         if not events:
             return
-        entries = [stream_entry(event) for event in events]
+        # Any: redis-py types fields as an invariant Dict[FieldT, EncodableT].
+        entries: list[dict[Any, Any]] = [stream_entry(event) for event in events]
         try:
             if len(entries) == 1:  # one command is atomic already: skip MULTI/EXEC
                 await self._redis.xadd(
-                    self.stream, entries[0], maxlen=self.maxlen, approximate=True  # type: ignore[arg-type]
+                    self.stream, entries[0], maxlen=self.maxlen, approximate=True
                 )
             else:
                 async with self._redis.pipeline(transaction=True) as pipe:
                     for entry in entries:
-                        pipe.xadd(self.stream, entry, maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
+                        pipe.xadd(self.stream, entry, maxlen=self.maxlen, approximate=True)
                     await pipe.execute()
         except UNREACHABLE as exc:
             raise BrokerUnavailable(f"Redis at {self._safe_url} unreachable: {exc}") from exc
@@ -118,7 +140,8 @@ class RedisStreamSink:
 
     async def ping(self) -> bool:
         try:
-            return bool(await self._redis.ping())
+            async with asyncio.timeout(CALL_TIMEOUT):
+                return bool(await self._redis.ping())
         except (redis.RedisError, OSError):
             return False
 

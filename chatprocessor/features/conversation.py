@@ -15,7 +15,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from chatprocessor.core.errors import Forbidden, ProviderUnavailable, StoreUnavailable
+from chatprocessor.core.errors import (
+    Forbidden,
+    ProviderError,
+    ProviderUnavailable,
+    StoreUnavailable,
+)
 from chatprocessor.core.job import ChatMessage, Job, Result
 from chatprocessor.features.context import CachedCounter, EstimateCounter, TokenCounter, fit
 from chatprocessor.features.history import ConversationKey, HistoryStore
@@ -146,15 +151,30 @@ class Conversations:
             else:
                 log.info("rag: no passage found for tenant %r", job.tenant)
         system = job.system_prompt if job.system_prompt is not None else self.system_prompt
-        fitted = await fit(
-            system=system or None,
-            history=history,
-            new=ChatMessage("user", job.prompt, job.images),
-            budget=self.max_tokens,
-            counter=await self.counter(job.model),
-            reserve=job.max_tokens or DEFAULT_ANSWER_RESERVE,
-            extra=extra,
-        )
+        counter = await self.counter(job.model)
+        new = ChatMessage("user", job.prompt, job.images)
+        reserve = job.max_tokens or DEFAULT_ANSWER_RESERVE
+        try:
+            fitted = await fit(
+                system=system or None,
+                history=history,
+                new=new,
+                budget=self.max_tokens,
+                counter=counter,
+                reserve=reserve,
+                extra=extra,
+            )
+        except ProviderError as exc:  # the tokenizer's server failed: estimate this time
+            log.warning("token counter failed (%s): estimating this job's context", exc)
+            fitted = await fit(
+                system=system or None,
+                history=history,
+                new=new,
+                budget=self.max_tokens,
+                counter=EstimateCounter(),
+                reserve=reserve,
+                extra=extra,
+            )
         if fitted.dropped:
             log.info(
                 "context: %d of %d history message(s) left out to fit %d tokens",

@@ -95,3 +95,10 @@ CANCELS = Counter(
 EVENTS_SENT = Counter(
     "chatprocessor_events_sent_total", "Stream events stored by the event sink", ["type"]
 )
+#: Outcomes: written (records stored), failed (write attempts that errored), dropped
+#: (records given up: queue full or errors after the retries).
+JOB_METRICS_WRITES = Counter(
+    "chatprocessor_job_metrics_writes_total",
+    "Job metrics records written to the database (DATABASE_URL), by outcome",
+    ["outcome"],
+)

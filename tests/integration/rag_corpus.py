@@ -211,10 +211,11 @@ def write_corpus(folder: Path) -> Path:
     return folder
 
 
-def hit_rate(results: dict[str, list[str]]) -> float:
-    """Share of QUESTIONS whose document is among their retrieved sources (file names)."""
-    hits = sum(q.document in results[q.text] for q in QUESTIONS)
-    return hits / len(QUESTIONS)
+def hit_rate(results: dict[str, list[str]], *, paraphrased: bool | None = None) -> float:
+    """Share of QUESTIONS (all, or only the paraphrased or the direct ones) whose document is
+    among their retrieved sources (file names)."""
+    asked = [q for q in QUESTIONS if paraphrased is None or q.paraphrased == paraphrased]
+    return sum(q.document in results[q.text] for q in asked) / len(asked)
 
 
 _WORD = re.compile(r"\w+")

@@ -109,20 +109,28 @@ async def test_hybrid_retrieval_quality_with_the_embedded_model(tmp_path: Path) 
             seconds = time.monotonic() - started
             rates[name] = (
                 hit_rate(results),
-                hit_rate({q.text: results[q.text] for q in QUESTIONS if not q.paraphrased}),
-                hit_rate({q.text: results[q.text] for q in QUESTIONS if q.paraphrased}),
+                hit_rate(results, paraphrased=False),
+                hit_rate(results, paraphrased=True),
             )
+            first = sum(results[q.text][:1] == [q.document] for q in QUESTIONS) / len(QUESTIONS)
+            missed = [q.text for q in QUESTIONS if q.document not in results[q.text]]
             print(
                 f"{name:>8}: hit@4 {rates[name][0]:.2f} (direct {rates[name][1]:.2f}, "
-                f"paraphrased {rates[name][2]:.2f}), {seconds / len(QUESTIONS) * 1000:.0f} ms/query"
+                f"paraphrased {rates[name][2]:.2f}), hit@1 {first:.2f}, "
+                f"{seconds / len(QUESTIONS) * 1000:.0f} ms/query; missed: {missed}"
             )
         print(f"ingest: {report.chunks} chunks in {ingest_seconds:.1f} s")
     finally:
         await store.close()
         await provider.close()
+    # Measured on this corpus (llama.cpp on 2 cores): lexical 21/24 (it misses 3 paraphrases),
+    # vector 24/24, hybrid 23/24, the same on every run. The bar is 22/24: one question of slack
+    # for float differences between CPUs and llama.cpp builds, and still above lexical alone,
+    # so the vectors must be doing their part.
     hybrid, lexical, vector = rates["hybrid"][0], rates["lexical"][0], rates["vector"][0]
-    assert hybrid >= 0.75
-    assert hybrid >= max(lexical, vector) - 1 / len(QUESTIONS)
+    assert hybrid >= 22 / 24
+    assert hybrid > lexical
+    assert vector >= 20 / 24  # the embedded model's vectors do find meaning
 
 
 # -- behaviour, on every store --------------------------------------------------------------
@@ -141,8 +149,7 @@ async def test_mock_embeddings_are_not_stored_and_search_is_lexical(
 
     retriever = Retriever(store, MockProvider(), top_k=4)
     results = await measure(retriever, "t")
-    direct = {q.text: results[q.text] for q in QUESTIONS if not q.paraphrased}
-    assert sum(q.document in direct[q.text] for q in QUESTIONS if not q.paraphrased) >= 11
+    assert hit_rate(results, paraphrased=False) >= 11 / 12
     passages = await retriever.search("t", "descale the espresso machine")
     assert passages and all(p.vector_rank is None and p.lexical_rank for p in passages)
 
@@ -193,10 +200,8 @@ async def test_a_tenant_never_sees_another_tenants_chunks(store: RagStore, tmp_p
     assert globex and all(p.source == str(secret.resolve()) for p in globex)
     assert any(p.vector_rank is not None for p in globex)
     assert await store.lexical("acme", "zanzibar", 10) == []
-    vector = embedder.vector(question)
-    assert all(
-        "globex" not in h.source for h in await store.vector("acme", vector, "hashing-64", 50)
-    )
+    nearest = await store.vector("acme", embedder.vector(question), "hashing-64", 50)
+    assert nearest and all("globex" not in h.source for h in nearest)
     assert await Retriever(store, embedder).search("nobody", question) == []
     assert (await store.stats("globex")).documents == 1
     assert (await store.stats("acme")).documents == len(DOCUMENTS)
@@ -209,6 +214,7 @@ async def test_reingest_unchanged_does_nothing_and_a_changed_file_replaces_its_c
     docs = write_corpus(tmp_path / "docs")
     first = await ingestor(store, embedder).ingest("t", [docs])
     before = await store.stats("t")
+    assert first.chunks == before.chunks
     embedded_texts = embedder.texts
     ids_before = [h.chunk_id for h in await store.lexical("t", "pump battery water", 50)]
 
@@ -229,12 +235,9 @@ async def test_reingest_unchanged_does_nothing_and_a_changed_file_replaces_its_c
     assert (third.ingested, third.skipped, third.chunks) == (1, len(DOCUMENTS) - 1, 1)
     after = await store.stats("t")
     assert after.documents == before.documents
-    old_chunks = sum(
-        1 for h in await store.lexical("t", "chirp carbon monoxide", 50) if "beacon" in h.source
-    )
-    assert old_chunks == 0
     assert after.chunks == before.chunks - old.chunks + 1
-    assert first.chunks == before.chunks
+    stale = [h for h in await store.lexical("t", "chirp carbon monoxide", 50)]
+    assert all("beacon" not in h.source for h in stale)
     state = await store.document("t", str(changed.resolve()))
     assert state is not None and state.chunks == 1 and state.model == "hashing-64"
     new = await Retriever(store, embedder).search("t", "sealed lithium cell")

@@ -108,7 +108,9 @@ async def test_conversation_streams_with_history_cancel_metrics_and_rag(
         figures: dict[str, Any] = {}
         try:
 
-            async def say(message: str, *, user: str = "alice", **extra: Any) -> list[dict[str, Any]]:
+            async def say(
+                message: str, *, user: str = "alice", **extra: Any
+            ) -> list[dict[str, Any]]:
                 return await ask(
                     client,
                     REDIS_URL,

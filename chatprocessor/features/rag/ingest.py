@@ -90,6 +90,7 @@ class Ingestor:
         """Ingest files and folders (recursively) for ``tenant``. Unreadable files are
         reported, not raised; a missing path raises FileNotFoundError before any work."""
         started = time.monotonic()
+        self._no_vectors = None  # a provider down in an earlier run may be back
         files = discover(paths)
         report = IngestReport(files=len(files))
         for path in files:
@@ -101,7 +102,6 @@ class Ingestor:
                 outcome = "failed"
             if progress is not None:
                 progress(path, outcome)
-        report.lexical_only = self._no_vectors
         report.seconds = time.monotonic() - started
         return report
 
@@ -133,6 +133,11 @@ class Ingestor:
         if vectors is not None:
             report.vectors += len(chunks)
             report.model = model
+        elif chunks and report.lexical_only is None:
+            report.lexical_only = self._no_vectors or "embeddings of two models in one document"
+            log.warning(
+                "RAG ingest: %s; chunks are stored for lexical search only", report.lexical_only
+            )
         return "ingested"
 
     async def _store(
@@ -184,5 +189,6 @@ class Ingestor:
         return vectors, model
 
     def _stop_vectors(self, reason: str) -> None:
+        """No more ``embed`` calls this run (the report says so if chunks go in without)."""
         self._no_vectors = reason
-        log.warning("RAG ingest: %s; chunks are stored for lexical search only", reason)
+        log.info("RAG ingest: %s", reason)

@@ -167,5 +167,6 @@ def sources(passages: list[Passage]) -> list[dict[str, Any]]:
 
 async def build_retriever(settings: Settings, provider: Provider) -> Retriever:
     """A Retriever over the settings' store (opened here; close it with ``retriever.store``)."""
+    top_k: int = getattr(settings, "rag_top_k", 4)
     store = await open_store(settings)
-    return Retriever(store, provider, top_k=getattr(settings, "rag_top_k", 4))
+    return Retriever(store, provider, top_k=top_k, candidates=max(20, top_k))

@@ -3,7 +3,8 @@
 Every method takes the tenant and every query filters by it: a tenant never sees
 another's chunks. Lexical search is SQLite FTS5 with ``bm25()`` (or Postgres
 full-text search, ``store_postgres``); vector search compares the query with the
-tenant's vectors of the same embedding model.
+tenant's vectors of the same embedding model. (BM25's word statistics are those of
+the whole table: other tenants' documents shift scores a little, never rows.)
 
 Vectors are scored by brute force with numpy over the tenant's vectors, held in
 memory per (tenant, model) and reloaded when the tenant's ``generation`` (bumped
