@@ -84,6 +84,7 @@ def run() -> None:
                 settings.openai_api_key.get_secret_value(),
                 settings.oauth2_client_secret.get_secret_value(),
                 *_url_passwords(settings.redis_url),
+                *_url_passwords(settings.database_url),
             ],
         )
     except OSError as exc:

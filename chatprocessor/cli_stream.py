@@ -12,7 +12,7 @@ import typer
 from chatprocessor.core.errors import ChatProcessorError
 
 
-def chat(
+def chat(  # noqa: PLR0917 - typer maps each parameter to an option
     message: Annotated[str, typer.Argument(help="The message to send.")],
     session: Annotated[str, typer.Option(help="Conversation (session) id.")] = "cli",
     user: Annotated[str, typer.Option(help="The user sending it.")] = "cli-user",
@@ -29,7 +29,9 @@ def chat(
 
     settings = _settings()
     if not settings.redis_url or settings.events_sink != "redis":
-        _fail("`chat` reads the answer from the Redis Stream: set REDIS_URL and EVENTS_SINK=redis", 2)
+        _fail(
+            "`chat` reads the answer from the Redis Stream: set REDIS_URL and EVENTS_SINK=redis", 2
+        )
     if mode not in ("gen", "rag"):
         _fail(f"--mode must be gen or rag, not {mode!r}", 2)
     job_id = uuid.uuid4().hex

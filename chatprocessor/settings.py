@@ -356,15 +356,21 @@ class Settings(BaseSettings):
     def _check_database_url(cls, value: str | None) -> str | None:
         if not value:
             return None
-        scheme = urlsplit(value).scheme.split("+")[0]
-        if scheme not in ("sqlite", "postgresql", "postgres"):
-            raise ValueError(
-                "expected sqlite:///path/to/file.db or postgresql://user@host:5432/db"
-            )
+        from chatprocessor.stores.database import database_url
+
+        try:
+            database_url(value, Path("."))
+        except ConfigError as exc:
+            raise ValueError(str(exc).split("DATABASE_URL: ", 1)[-1]) from exc
         return value
 
     @field_validator(
-        "transport", "contract", "log_format", "output_naming", "events_sink", "job_metrics",
+        "transport",
+        "contract",
+        "log_format",
+        "output_naming",
+        "events_sink",
+        "job_metrics",
         mode="before",
     )
     @classmethod

@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from chatprocessor.contracts.base import check_size, reasons
 from chatprocessor.contracts.naming import any_case
@@ -127,7 +127,7 @@ def done_event(job: Job, status: str) -> dict[str, Any]:
 
 
 class StreamCodec:
-    """chat.request bytes to a Job; a Result to its closing events (``final``/``error``, ``done``)."""
+    """chat.request bytes to a Job; a Result to its closing events (final or error, done)."""
 
     #: Answers leave as events (contracts/stream.py), through an EventSink, not a queue.
     emits_events = True
@@ -184,7 +184,7 @@ class StreamCodec:
         reply_to: str | None = None,
         correlation_id: str | None = None,
     ) -> Job | None:
-        """A bad request still gets ``error`` and ``done`` when its jobId and userId are readable."""
+        """A bad request still gets ``error`` and ``done`` when its jobId and userId can be read."""
         if len(body) > self.max_bytes:
             return None
         try:

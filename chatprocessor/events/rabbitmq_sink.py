@@ -5,9 +5,9 @@ Routing key ``chat.<type>`` (``chat.token``, ``chat.final``...), so a consumer b
 it needs (``chat.#`` for all). Messages are persistent and confirmed; their
 ``message_id`` is the event's ``id`` (derived from the job), so a consumer drops the
 duplicates a retried batch can produce. An event nobody is bound for is dropped by the
-broker, as on any pub/sub feed (no ``mandatory``). AMQP has no atomic multi-publish compatible with confirms: a
-batch is published back to back on one channel (so it stays in order) and ``send``
-returns once the broker confirmed all of it, or raises.
+broker, as on any pub/sub feed (no ``mandatory``). AMQP has no atomic multi-publish
+compatible with confirms: a batch is published back to back on one channel (so it stays
+in order) and ``send`` returns once the broker confirmed all of it, or raises.
 """
 
 from __future__ import annotations

@@ -97,7 +97,7 @@ class Conversations:
         return self._retriever
 
     async def counter(self, model: str | None) -> TokenCounter:
-        """The model's own tokenizer when its provider offers one, else an estimate (logged once)."""
+        """The model's own tokenizer when its provider has one, else an estimate (logged once)."""
         name = model or self.provider.default_model
         counter = self._counters.get(name)
         if counter is None:

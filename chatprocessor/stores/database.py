@@ -7,7 +7,9 @@ several machines and dashboards. Library errors leave this module as StoreUnavai
 
 from __future__ import annotations
 
+import asyncio
 import time
+import weakref
 import zlib
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,9 @@ from chatprocessor.core.errors import ConfigError, StoreUnavailable
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 #: How long a SQLite writer waits for another process's lock (seconds).
 SQLITE_BUSY_TIMEOUT = 30.0
+#: Seconds to wait for a Postgres connection (asyncpg waits 60 by default), so an
+#: unreachable server costs the metrics writer a short wait, not a minute per try.
+POSTGRES_CONNECT_TIMEOUT = 10.0
 #: Postgres advisory lock key held while migrating, so workers starting together upgrade once.
 MIGRATION_LOCK_KEY = zlib.crc32(b"chatprocessor.migrations")
 
@@ -37,6 +42,11 @@ _DRIVERS = {
     "sqlite": "sqlite+aiosqlite",
     "sqlite+aiosqlite": "sqlite+aiosqlite",
 }
+#: One migration at a time per event loop: alembic keeps its running context in module
+#: globals, which two migrations interleaving on one loop would overwrite.
+_MIGRATING: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+    weakref.WeakKeyDictionary()
+)
 #: What may go wrong talking to a database: the driver's errors reach us wrapped by
 #: SQLAlchemy, except connection failures (OSError) raised while connecting.
 DATABASE_ERRORS = (SQLAlchemyError, OSError)
@@ -69,12 +79,13 @@ def create_engine(url: str, *, connect_args: dict[str, Any] | None = None) -> As
     processes share the file) and foreign keys; every transaction starts with
     ``BEGIN IMMEDIATE`` so two writers queue on the lock instead of failing at once when
     a read transaction turns into a write. Postgres connections are pinged before use,
-    as a server restart leaves dead ones in the pool.
+    as a server restart leaves dead ones in the pool, and time out after 10 s.
     """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         return _sqlite_engine(parsed, connect_args or {})
-    return create_async_engine(url, pool_pre_ping=True, connect_args=connect_args or {})
+    options = {"timeout": POSTGRES_CONNECT_TIMEOUT, **(connect_args or {})}
+    return create_async_engine(url, pool_pre_ping=True, connect_args=options)
 
 
 def _sqlite_engine(url: URL, connect_args: dict[str, Any]) -> AsyncEngine:
@@ -133,9 +144,12 @@ async def migrate(engine: AsyncEngine) -> None:
     Workers starting together take turns: a Postgres advisory lock held for the
     transaction, or SQLite's write lock (``BEGIN IMMEDIATE``). Both databases run DDL
     in the transaction, so the next one in sees the finished schema and does nothing.
+    Within a process, migrations also wait for each other (see ``_MIGRATING``).
     """
+    loop = asyncio.get_running_loop()
+    lock = _MIGRATING.setdefault(loop, asyncio.Lock())
     try:
-        async with engine.begin() as connection:
+        async with lock, engine.begin() as connection:
             if connection.dialect.name == "postgresql":
                 await connection.execute(
                     text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY}

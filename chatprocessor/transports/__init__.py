@@ -49,17 +49,15 @@ def build_transport(settings: Settings) -> Transport:
             ),
             group_id=settings.consumer_group,
         )
-    transport: str = settings.transport
-    if transport == "redis":
+    if settings.transport == "redis":
         from chatprocessor.transports.redis_streams import RedisStreamsTransport
 
-        # getattr: the REDIS_STREAM_* settings may not exist yet in older settings.
         return RedisStreamsTransport(
             settings.redis_url or "redis://127.0.0.1:6379/0",
-            group=str(getattr(settings, "redis_stream_group", "chatprocessor")),
-            max_deliveries=int(getattr(settings, "redis_max_deliveries", 5)),
-            claim_idle=float(getattr(settings, "redis_claim_idle", 60.0)),
-            maxlen=int(getattr(settings, "redis_stream_maxlen", 100_000)),
+            group=settings.redis_stream_group,
+            max_deliveries=settings.redis_max_deliveries,
+            claim_idle=settings.redis_claim_idle,
+            maxlen=settings.redis_stream_maxlen,
         )
     from chatprocessor.transports.local import LocalTransport
 

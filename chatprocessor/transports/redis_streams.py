@@ -35,7 +35,7 @@ import socket
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -75,6 +75,8 @@ DELIVERIES_FIELD = b"deliveries"
 _TICK = 0.2
 _MOVE_BATCH = 100
 _REPLY_BLOCK_MS = 1000
+#: No Redis call (a BLOCK included) may take longer: the connection is presumed dead.
+COMMAND_TIMEOUT = 10.0
 _BACKOFF_START = 0.5
 _BACKOFF_CAP = 30.0
 #: Consumers with nothing pending and idle this long (crashed processes) leave the group.
@@ -327,6 +329,7 @@ class RedisDelivery(Delivery):
     def copy_fields(self, headers: dict[str, Any]) -> dict[bytes, bytes]:
         """The entry's fields with other headers, for a delayed or dead-letter copy."""
         fields = {k: v for k, v in self.fields.items() if k != DELIVERIES_FIELD}
+        fields.setdefault(b"body", self.body)  # so the copy reads as this one did
         fields[b"headers"] = dump_headers(headers)
         return fields
 
@@ -381,6 +384,11 @@ class _Reader:
         self.prefetch = max(1, prefetch)
         self.unsettled: set[str] = set()
         self.freed = asyncio.Event()
+        #: Fetched (and counted in ``unsettled``), not handed out yet.
+        self.buffer: deque[RedisDelivery] = deque()
+        self.next_move = self.next_claim = 0.0
+        self.cursor = "0-0"  # XAUTOCLAIM's, between calls
+        self.backoff = _BACKOFF_START
 
     @property
     def free(self) -> int:
@@ -398,7 +406,7 @@ class RedisReplyQueue:
         last = "0-0"
         expire_at = time.monotonic() + REPLY_TTL_MS / 2000
         while True:
-            with self._transport.translated(f"reading {self.name!r}"):
+            async with self._transport.translated(f"reading {self.name!r}"):
                 client = self._transport.client
                 response = await client.xread({self.name: last}, count=100, block=_REPLY_BLOCK_MS)
                 if time.monotonic() > expire_at:  # still read: keep it alive
@@ -409,8 +417,9 @@ class RedisReplyQueue:
                 yield RedisDelivery(None, self.name, entry_id, fields)
 
     async def close(self) -> None:
-        with contextlib.suppress(TransportError), self._transport.translated("deleting"):
-            await self._transport.client.delete(self.name)
+        with contextlib.suppress(TransportError):
+            async with self._transport.translated("deleting"):
+                await self._transport.client.delete(self.name)
 
 
 class RedisStreamsTransport:
@@ -432,9 +441,7 @@ class RedisStreamsTransport:
         self.max_deliveries = max_deliveries
         self.claim_idle = claim_idle
         self.maxlen = maxlen
-        self.consumer = consumer or (
-            f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        )
+        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._client: Any = None
         self._scripts: dict[str, Any] = {}
         self._held: dict[tuple[str, str], RedisDelivery] = {}
@@ -448,9 +455,15 @@ class RedisStreamsTransport:
     def client(self) -> Any:
         """The redis-py client (made on first use: it connects lazily)."""
         if self._client is None:
-            # socket_timeout is a read timeout: longer than any BLOCK this module asks for.
+            # socket_timeout=None (redis-py 8 defaults to 5 s): with one, redis-py sends
+            # through asyncio.wait_for, which on Python 3.11 can swallow a cancellation (a
+            # consumer then never stops); translated() bounds each call with asyncio.timeout.
             self._client = aioredis.Redis.from_url(
-                self.url, socket_connect_timeout=5, socket_timeout=10, health_check_interval=30
+                self.url,
+                socket_connect_timeout=5,
+                socket_timeout=None,
+                socket_keepalive=True,
+                health_check_interval=30,
             )
             self._scripts = {
                 name: self._client.register_script(source)
@@ -468,14 +481,15 @@ class RedisStreamsTransport:
         _ = self.client  # makes the scripts
         return await self._scripts[name](keys=keys, args=args)
 
-    @contextlib.contextmanager
-    def translated(
+    @contextlib.asynccontextmanager
+    async def translated(
         self, what: str, refused: type[TransportError] = TransportError
-    ) -> Iterator[None]:
-        """Redis errors as the project's: unreachable is BrokerUnavailable, an error
-        answer (OOM, WRONGTYPE...) is ``refused``."""
+    ) -> AsyncIterator[None]:
+        """Redis errors as the project's: unreachable (or no answer within COMMAND_TIMEOUT)
+        is BrokerUnavailable, an error answer (OOM, WRONGTYPE...) is ``refused``."""
         try:
-            yield
+            async with asyncio.timeout(COMMAND_TIMEOUT):
+                yield
         except _CONNECTION_ERRORS as exc:
             raise BrokerUnavailable(f"{what}: Redis at {self.safe_url}: {exc}") from exc
         except redis_errors.RedisError as exc:
@@ -488,7 +502,7 @@ class RedisStreamsTransport:
         while True:
             tried += 1
             try:
-                with self.translated("connect"):
+                async with self.translated("connect"):
                     await self.client.ping()
                 break
             except BrokerUnavailable as exc:
@@ -501,7 +515,7 @@ class RedisStreamsTransport:
 
     async def declare(self, queue: str) -> None:
         """Create the stream and the group (from the start: earlier entries are taken too)."""
-        with self.translated(f"declaring {queue!r}"):
+        async with self.translated(f"declaring {queue!r}"):
             try:
                 await self.client.xgroup_create(queue, self.group, id="0", mkstream=True)
             except redis_errors.ResponseError as exc:
@@ -515,7 +529,7 @@ class RedisStreamsTransport:
     async def publish(self, destination: str, message: Outgoing) -> None:
         """XADD, trimming the stream to about REDIS_STREAM_MAXLEN entries (the oldest go)."""
         fields = encode_fields(message)
-        with self.translated(f"publish to {destination!r}", PublishFailed):
+        async with self.translated(f"publish to {destination!r}", PublishFailed):
             if destination.startswith(REPLY_PREFIX):
                 if not await self._script("xadd_existing", [destination], _flat(fields)):
                     raise Unroutable(f"reply stream {destination} does not exist (requester gone)")
@@ -526,17 +540,19 @@ class RedisStreamsTransport:
 
     async def open_reply_queue(self) -> RedisReplyQueue:
         name = f"{REPLY_PREFIX}{uuid.uuid4().hex}"
-        with self.translated("opening a reply stream"):
-            async with self.client.pipeline(transaction=True) as pipe:
-                # MAXLEN 0: the stream exists, empty, so publishers can tell it from a gone one.
-                pipe.xadd(name, {b"open": b"1"}, maxlen=0, approximate=False)
-                pipe.pexpire(name, REPLY_TTL_MS)
-                await pipe.execute()
+        async with (
+            self.translated("opening a reply stream"),
+            self.client.pipeline(transaction=True) as pipe,
+        ):
+            # MAXLEN 0: the stream exists, empty, so publishers can tell it from a gone one.
+            pipe.xadd(name, {b"open": b"1"}, maxlen=0, approximate=False)
+            pipe.pexpire(name, REPLY_TTL_MS)
+            await pipe.execute()
         return RedisReplyQueue(self, name)
 
     async def ping(self) -> bool:
         try:
-            with self.translated("ping"):
+            async with self.translated("ping"):
                 return bool(await self.client.ping())
         except TransportError:
             return False
@@ -552,45 +568,14 @@ class RedisStreamsTransport:
         self._readers[key] = reader
         self._queues.add(queue)
         self._start_renewer()
-        buffer: deque[RedisDelivery] = deque()
-        loop = asyncio.get_running_loop()
-        next_move = next_claim = 0.0
-        cursor = "0-0"
-        backoff = _BACKOFF_START
+        buffer = reader.buffer
         try:
             while True:
                 while buffer:
                     delivery = buffer.popleft()
                     delivery.handed_out = True
                     yield delivery
-                try:
-                    now = loop.time()
-                    if now >= next_move:
-                        await self._move_due(queue)
-                        next_move = now + _TICK
-                    if reader.free > 0 and now >= next_claim:
-                        cursor = await self._claim(reader, cursor, buffer)
-                        if cursor == "0-0":
-                            next_claim = now + self.claim_idle / 2
-                        if buffer:
-                            continue
-                    if reader.free <= 0:
-                        reader.freed.clear()
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(reader.freed.wait(), _TICK)
-                        continue
-                    buffer.extend(await self._read(reader))
-                    backoff = _BACKOFF_START
-                except BrokerUnavailable as exc:
-                    log.warning("consuming %r: %s; retrying in %.1fs", queue, exc, backoff)
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, _BACKOFF_CAP)
-                except TransportError as exc:
-                    # NOGROUP: the group is gone; UNBLOCKED: the stream was deleted under a read.
-                    if not any(sign in str(exc) for sign in ("NOGROUP", "UNBLOCKED")):
-                        raise
-                    log.warning("stream %r or its group vanished; declaring it again", queue)
-                    await self.declare(queue)
+                await self._fill(reader)
         finally:
             del self._readers[key]
             if buffer:  # fetched, never handed out: back to the queue, uncounted
@@ -601,8 +586,42 @@ class RedisStreamsTransport:
                     delivery.settled = True
                     self._forget(delivery)
 
+    async def _fill(self, reader: _Reader) -> None:
+        """One turn of the consumer: move due retries, claim, or read (or wait for a slot)."""
+        queue = reader.queue
+        try:
+            now = asyncio.get_running_loop().time()
+            if now >= reader.next_move:
+                await self._move_due(queue)
+                reader.next_move = now + _TICK
+            if reader.free > 0 and now >= reader.next_claim:
+                reader.cursor = await self._claim(reader)
+                if reader.cursor == "0-0":
+                    reader.next_claim = now + self.claim_idle / 2
+                if reader.buffer:
+                    return
+            if reader.free <= 0:
+                reader.freed.clear()
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_TICK):
+                        await reader.freed.wait()
+                return
+            reader.buffer.extend(await self._read(reader))
+            reader.backoff = _BACKOFF_START
+        except BrokerUnavailable as exc:
+            log.warning("consuming %r: %s; retrying in %.1fs", queue, exc, reader.backoff)
+            await asyncio.sleep(reader.backoff)
+            reader.backoff = min(reader.backoff * 2, _BACKOFF_CAP)
+        except TransportError as exc:
+            # NOGROUP: the group is gone; UNBLOCKED: the stream was deleted under a read.
+            if not any(sign in str(exc) for sign in ("NOGROUP", "UNBLOCKED")):
+                raise
+            log.warning("stream %r or its group vanished; declaring it again", queue)
+            await self.declare(queue)
+
     async def _read(self, reader: _Reader) -> list[RedisDelivery]:
-        with self.translated(f"reading {reader.queue!r}"):
+        async with self.translated(f"reading {reader.queue!r}"):
             response = await self.client.xreadgroup(
                 self.group,
                 self.consumer,
@@ -628,17 +647,17 @@ class RedisStreamsTransport:
             reader.unsettled.discard(delivery.entry_id)
             reader.freed.set()
 
-    async def _claim(self, reader: _Reader, cursor: str, buffer: deque[RedisDelivery]) -> str:
+    async def _claim(self, reader: _Reader) -> str:
         """Take over entries idle longer than claim_idle; dead-letter poison ones.
         Returns the XAUTOCLAIM cursor ("0-0": the pending list was scanned to the end)."""
         queue = reader.queue
-        with self.translated(f"claiming from {queue!r}"):
+        async with self.translated(f"claiming from {queue!r}"):
             answer = await self.client.xautoclaim(
                 queue,
                 self.group,
                 self.consumer,
                 max(1, round(self.claim_idle * 1000)),
-                start_id=cursor,
+                start_id=reader.cursor,
                 count=reader.free,
             )
             claimed = [(_str(i), _as_fields(raw)) for i, raw in answer[1] if raw is not None]
@@ -666,7 +685,7 @@ class RedisStreamsTransport:
                     queue,
                     count,
                 )
-                buffer.append(delivery)
+                reader.buffer.append(delivery)
         return _str(answer[0])
 
     async def _poison(self, delivery: RedisDelivery) -> None:
@@ -684,7 +703,7 @@ class RedisStreamsTransport:
 
     async def _move_due(self, queue: str) -> None:
         now = str(math.floor(time.time() * 1000))
-        with self.translated(f"moving due retries of {queue!r}"):
+        async with self.translated(f"moving due retries of {queue!r}"):
             while True:
                 moved = await self._script("move", [delayed_name(queue), queue], [now, _MOVE_BATCH])
                 if moved < _MOVE_BATCH:
@@ -704,7 +723,9 @@ class RedisStreamsTransport:
         """Run the settle script (ack, or copy to ``target`` then remove the original)."""
         refused = TransportError if mode == "ack" else PublishFailed
         try:
-            with self.translated(f"settling {delivery.entry_id} of {delivery.queue!r}", refused):
+            async with self.translated(
+                f"settling {delivery.entry_id} of {delivery.queue!r}", refused
+            ):
                 done = await self._script(
                     "settle",
                     [delivery.queue, target or delivery.queue],
@@ -729,7 +750,7 @@ class RedisStreamsTransport:
             self._forget(delivery)
 
     async def _requeue_ids(self, queue: str, ids: list[str], bump: bool) -> int:
-        with self.translated(f"releasing entries of {queue!r}"):
+        async with self.translated(f"releasing entries of {queue!r}"):
             moved = await self._script(
                 "requeue", [queue], [self.group, self.consumer, "1" if bump else "0", *ids]
             )
@@ -748,14 +769,23 @@ class RedisStreamsTransport:
                 by_queue.setdefault(queue, []).append(entry_id)
             for queue, ids in by_queue.items():
                 try:
-                    with self.translated("touching held entries"):
-                        kept = await self._script("touch", [queue], [self.group, self.consumer, *ids])
+                    async with self.translated("touching held entries"):
+                        kept = await self._script(
+                            "touch", [queue], [self.group, self.consumer, *ids]
+                        )
                 except TransportError as exc:
                     log.warning("could not renew held entries of %r: %s", queue, exc)
                     continue
-                lost = set(ids) - {_str(entry_id) for entry_id in kept}
-                for entry_id in lost & {i for q, i in self._held if q == queue}:
-                    log.warning("entry %s of %r is no longer ours", entry_id, queue)
+                for entry_id in set(ids) - {_str(entry_id) for entry_id in kept}:
+                    # Taken over while we stalled (or gone): stop touching it; settling it
+                    # will do nothing, since the scripts check ownership.
+                    lost = self._held.pop((queue, entry_id), None)
+                    if lost is not None:
+                        log.warning(
+                            "message %s of %r was taken over by another consumer",
+                            lost.message_id or entry_id,
+                            queue,
+                        )
 
     # -- dead letters (chatprocessor dlq) --------------------------------------------------
 
@@ -764,7 +794,7 @@ class RedisStreamsTransport:
     ) -> AsyncIterator[tuple[str, dict[bytes, bytes]]]:
         start, given = "-", 0
         while limit is None or given < limit:
-            with self.translated(f"reading {dead_letter_name(queue)!r}"):
+            async with self.translated(f"reading {dead_letter_name(queue)!r}"):
                 page = await self.client.xrange(dead_letter_name(queue), start, "+", count=100)
             if not page:
                 return
@@ -798,19 +828,23 @@ class RedisStreamsTransport:
                 break
         for entry in chosen:
             target = str(entry.headers.get(DLQ_QUEUE) or queue)
-            with self.translated(f"replaying {entry.entry_id}", PublishFailed):
-                async with self.client.pipeline(transaction=True) as pipe:
-                    pipe.xadd(target, entry.copy_fields(replay_headers(entry.headers)))
-                    pipe.xdel(dead_letter_name(queue), entry.entry_id)
-                    await pipe.execute()
+            async with (
+                self.translated(f"replaying {entry.entry_id}", PublishFailed),
+                self.client.pipeline(transaction=True) as pipe,
+            ):
+                pipe.xadd(target, entry.copy_fields(replay_headers(entry.headers)))
+                pipe.xdel(dead_letter_name(queue), entry.entry_id)
+                await pipe.execute()
         return len(chosen)
 
     async def purge_dead_letters(self, queue: str) -> int:
-        with self.translated(f"purging {dead_letter_name(queue)!r}"):
-            async with self.client.pipeline(transaction=True) as pipe:
-                pipe.xlen(dead_letter_name(queue))
-                pipe.delete(dead_letter_name(queue))
-                count, _ = await pipe.execute()
+        async with (
+            self.translated(f"purging {dead_letter_name(queue)!r}"),
+            self.client.pipeline(transaction=True) as pipe,
+        ):
+            pipe.xlen(dead_letter_name(queue))
+            pipe.delete(dead_letter_name(queue))
+            count, _ = await pipe.execute()
         return int(count)
 
     # -- closing ---------------------------------------------------------------------------
@@ -839,7 +873,7 @@ class RedisStreamsTransport:
         """Entries XREADGROUP gave us that never arrived (a read cancelled mid-way) go back;
         then this consumer leaves the group, and so do crashed ones long idle with nothing
         pending."""
-        with self.translated(f"releasing leftovers of {queue!r}"):
+        async with self.translated(f"releasing leftovers of {queue!r}"):
             while True:
                 pending = await self.client.xpending_range(
                     queue, self.group, "-", "+", 100, consumername=self.consumer

@@ -267,7 +267,7 @@ class FakeOllama:
         self.pullable: set[str] | None = None
         #: Seconds between two progress lines of a streamed pull.
         self.pull_delay = 0.0
-        #: Makes each text's vector (text, dimensions): noise by default; word_embedding has meaning.
+        #: Makes each text's vector (text, size): noise by default; word_embedding has meaning.
         self.embedder: Callable[[str, int], list[float]] = fake_embedding
 
         self.requests: list[JSONDict] = []

@@ -125,6 +125,20 @@ async def test_migrate_is_idempotent_and_safe_when_workers_start_together(
     assert versions == 1
 
 
+async def test_databases_migrated_at_once_by_one_process_all_end_up_current(
+    tmp_path: Path,
+) -> None:
+    # alembic keeps its context in module globals: interleaved upgrades would clash.
+    urls = [database_url(f"sqlite:///{tmp_path / f'{n}.db'}", tmp_path) for n in range(3)]
+    engines = [create_engine(url) for url in urls]
+    try:
+        await asyncio.gather(*(migrate(engine) for engine in engines))
+        assert [await current_revision(engine) for engine in engines] == ["0001"] * 3
+    finally:
+        for engine in engines:
+            await engine.dispose()
+
+
 async def test_migrations_match_the_tables_the_code_queries(make_engine: EngineFactory) -> None:
     engine = make_engine()
     await migrate(engine)

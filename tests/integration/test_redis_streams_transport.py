@@ -20,6 +20,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from chatprocessor.core.errors import BrokerUnavailable, Unroutable
+from chatprocessor.settings import Settings
+from chatprocessor.transports import build_transport
 from chatprocessor.transports.base import (
     ATTEMPT_HEADER,
     DLQ_ERROR,
@@ -36,6 +38,7 @@ from chatprocessor.transports.redis_streams import (
     delayed_name,
 )
 from tests.conftest import REDIS_URL
+from tests.faults.helpers import TcpProxy
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
 
@@ -88,8 +91,8 @@ async def make() -> AsyncIterator[Callable[..., Awaitable[RedisStreamsTransport]
     """Connected transports on the test Redis, all closed after the test."""
     made: list[RedisStreamsTransport] = []
 
-    async def factory(**options: Any) -> RedisStreamsTransport:
-        transport = RedisStreamsTransport(REDIS_URL, **options)
+    async def factory(url: str = REDIS_URL, **options: Any) -> RedisStreamsTransport:
+        transport = RedisStreamsTransport(url, **options)
         await transport.connect(attempts=1)
         made.append(transport)
         return transport
@@ -101,7 +104,9 @@ async def make() -> AsyncIterator[Callable[..., Awaitable[RedisStreamsTransport]
 
 async def publish(transport: RedisStreamsTransport, queue: str, *ids: str) -> None:
     for message_id in ids:
-        await transport.publish(queue, Outgoing(f"job {message_id}".encode(), message_id=message_id))
+        await transport.publish(
+            queue, Outgoing(f"job {message_id}".encode(), message_id=message_id)
+        )
 
 
 async def test_entries_published_before_the_group_existed_are_taken_with_all_properties(
@@ -251,6 +256,26 @@ async def test_close_releases_unsettled_entries_to_another_consumer_at_once(
     assert all(d.settled for d in held)
 
 
+async def test_an_entry_taken_over_by_another_consumer_is_not_copied_by_its_old_holder(
+    make: Callable[..., Awaitable[RedisStreamsTransport]], queue: str, raw: Any
+) -> None:
+    transport = await make()
+    await publish(transport, queue, "t1", "t2")
+    taker = Taker(transport, queue)
+    try:
+        first, second = await taker.next(), await taker.next()
+    finally:
+        await taker.stop()
+    # We stalled past claim_idle and someone else took both over.
+    await raw.xclaim(queue, GROUP, "other", 0, [first.entry_id, second.entry_id])
+    await first.retry(5, "HTTP 503")
+    await second.release()
+    assert await raw.exists(delayed_name(queue)) == 0  # no delayed copy
+    assert await raw.xlen(queue) == 2  # no copy at the tail, originals left to "other"
+    pending = await raw.xpending_range(queue, GROUP, "-", "+", 10)
+    assert {p["consumer"] for p in pending} == {b"other"}
+
+
 _CRASHER = """
 import asyncio, sys
 from chatprocessor.transports.redis_streams import RedisStreamsTransport
@@ -307,6 +332,7 @@ async def test_an_entry_delivered_too_often_goes_to_the_dlq_as_poison(
 ) -> None:
     transport = await make(max_deliveries=3, claim_idle=0.2)
     await publish(transport, queue, "poison-1", "fine-1")
+    await transport.declare_input(queue)
     # A consumer "ghost" took both and died; earlier crashes left these delivery counts.
     taken = await raw.xreadgroup(GROUP, "ghost", {queue: ">"}, count=2)
     (poison_id, _), (fine_id, _) = taken[0][1]
@@ -338,7 +364,7 @@ async def test_publish_trims_the_stream_to_about_maxlen(
     length = await raw.xlen(queue)
     # "~": whole nodes (100 entries by default) are dropped, never below MAXLEN.
     assert 50 <= length <= 250
-    [(last_id, last)] = await raw.xrevrange(queue, count=1)
+    [(_, last)] = await raw.xrevrange(queue, count=1)
     assert last[b"body"] == b"999"
 
 
@@ -382,6 +408,36 @@ async def test_consuming_goes_on_after_the_stream_was_deleted(
     await got.ack()
 
 
+async def test_consuming_survives_a_redis_outage(
+    make: Callable[..., Awaitable[RedisStreamsTransport]], queue: str
+) -> None:
+    async with TcpProxy("127.0.0.1", 6379) as proxy:
+        transport = await make(url=f"redis://127.0.0.1:{proxy.port}/15")
+        taker = Taker(transport, queue)
+        try:
+            await publish(transport, queue, "before")
+            await (await taker.next()).ack()
+            outage = asyncio.create_task(proxy.outage(1.0))  # cut, refused for 1 s
+            await asyncio.sleep(0.2)
+            with pytest.raises(BrokerUnavailable):
+                await publish(transport, queue, "during")
+            await outage
+            deadline = time.monotonic() + 5
+            while True:  # the first call after the cut may still meet a dead connection
+                try:
+                    await publish(transport, queue, "after")
+                    break
+                except BrokerUnavailable:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.1)
+            got = await taker.next(10)
+        finally:
+            await taker.stop()
+        assert got.message_id == "after"
+        await got.ack()
+
+
 async def test_an_unreachable_redis_is_broker_unavailable() -> None:
     transport = RedisStreamsTransport("redis://:secret@127.0.0.1:1/0")
     try:
@@ -391,5 +447,25 @@ async def test_an_unreachable_redis_is_broker_unavailable() -> None:
         with pytest.raises(BrokerUnavailable):
             await transport.publish("anything", Outgoing(b"x"))
         assert await transport.ping() is False
+    finally:
+        await transport.close()
+
+
+async def test_transport_redis_builds_a_configured_redis_streams_transport() -> None:
+    settings = Settings(
+        transport="redis",
+        redis_url=REDIS_URL,
+        redis_stream_group="workers",
+        redis_max_deliveries=7,
+        redis_claim_idle=12.5,
+        redis_stream_maxlen=5000,
+    )
+    transport = build_transport(settings)
+    assert isinstance(transport, RedisStreamsTransport)
+    assert (transport.group, transport.max_deliveries) == ("workers", 7)
+    assert (transport.claim_idle, transport.maxlen) == (12.5, 5000)
+    try:
+        await transport.connect(attempts=1)
+        assert await transport.ping() is True
     finally:
         await transport.close()

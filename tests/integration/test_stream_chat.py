@@ -54,6 +54,11 @@ async def database() -> AsyncIterator[str]:
         await admin.close()
 
 
+def chats(fake: FakeOllama) -> list[dict[str, Any]]:
+    """The chat calls the fake received (not embeddings, not model lists)."""
+    return [r["body"] for r in fake.requests if r["path"] == "/api/chat"]
+
+
 def settings_for(fake: FakeOllama, database_url: str, data_dir: Path, tag: str) -> Settings:
     return Settings(
         transport="redis",
@@ -74,7 +79,7 @@ def settings_for(fake: FakeOllama, database_url: str, data_dir: Path, tag: str) 
     )
 
 
-async def test_conversation_streams_with_history_cancel_metrics_and_rag(
+async def test_conversation_streams_with_history_cancel_metrics_and_rag(  # noqa: PLR0915
     database: str, tmp_path: Path
 ) -> None:
     tag = uuid.uuid4().hex[:10]
@@ -83,7 +88,7 @@ async def test_conversation_streams_with_history_cancel_metrics_and_rag(
         fake.embedder = word_embedding
         settings = settings_for(fake, database, tmp_path, tag)
 
-        # Documents for tenant acme, through the CLI as a user would (a thread: it runs its own loop).
+        # Documents of tenant acme, through the CLI as a user would (a thread: it runs a loop).
         docs = tmp_path / "docs"
         docs.mkdir()
         for name, text in DOCUMENTS.items():
@@ -123,7 +128,7 @@ async def test_conversation_streams_with_history_cancel_metrics_and_rag(
                     **extra,
                 )
 
-            # 1. Three turns: each streams tokens, then final and done; later turns see earlier ones.
+            # 1. Three turns: tokens, then final and done; later turns see the earlier ones.
             turns = ["My name is Ada.", "I live in Lisbon.", "Where do I live?"]
             answers = []
             for turn in turns:
@@ -140,7 +145,7 @@ async def test_conversation_streams_with_history_cancel_metrics_and_rag(
                 answers.append(final["text"])
                 figures.setdefault("turn_seconds", []).append(time.perf_counter() - started)
                 figures.setdefault("token_events", []).append(len(seqs))
-            sent = fake.requests[-1]["messages"]
+            sent = chats(fake)[-1]["messages"]
             assert [(m["role"], m["content"]) for m in sent] == [
                 ("user", turns[0]),
                 ("assistant", answers[0]),
@@ -150,11 +155,11 @@ async def test_conversation_streams_with_history_cancel_metrics_and_rag(
             ]
 
             # 2. Another user naming alice's session is refused, and learns nothing of it.
-            calls = len(fake.requests)
+            calls = len(chats(fake))
             refused = await say("What is her name?", user="mallory")
             assert [e["type"] for e in refused] == ["error", "done"]
             assert refused[0]["code"] == "forbidden" and "Ada" not in str(refused)
-            assert len(fake.requests) == calls
+            assert len(chats(fake)) == calls
 
             # 3. A long answer cancelled by its owner after a few tokens.
             fake.reply = lambda prompt: " ".join(f"word{i}" for i in range(2000))
@@ -193,7 +198,7 @@ async def test_conversation_streams_with_history_cancel_metrics_and_rag(
             final = rag[-2]
             assert final["type"] == "final", rag
             assert Path(final["sources"][0]["source"]).name == "espresso.md"
-            prompt_sent = str(fake.requests[-1]["messages"])
+            prompt_sent = str(chats(fake)[-1]["messages"])
             assert "citric acid" in prompt_sent  # the passage reached the model
             other_tenant = await say(
                 "How often should I descale the boiler?", mode="rag", session_id=f"rag2-{tag}"

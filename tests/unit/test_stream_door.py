@@ -86,7 +86,9 @@ class ListSink:
         return [e for e in self.events if e["jobId"] == job_id]
 
 
-def request(job: str, message: str, *, user: str = "u1", session: str = "s1", **extra: Any) -> bytes:
+def request(
+    job: str, message: str, *, user: str = "u1", session: str = "s1", **extra: Any
+) -> bytes:
     return orjson.dumps(
         {"jobId": job, "userId": user, "sessionId": session, "message": message, **extra}
     )
@@ -150,7 +152,7 @@ async def test_tokens_are_batched_by_time(tmp_path: Path) -> None:
 
 
 async def test_second_turn_sees_the_first(door: tuple[Worker, Talker, ListSink]) -> None:
-    worker, provider, sink = door
+    worker, provider, _sink = door
     await handle(worker, request("j1", "my name is Ada"))
     await handle(worker, request("j2", "what is my name?"))
     second = provider.requests[-1].messages
@@ -179,7 +181,9 @@ async def test_another_users_conversation_is_refused(
     assert events[0]["code"] == "forbidden" and events[1]["status"] == "forbidden"
     assert events[0]["userId"] == "mallory"  # only the requester hears of it
     assert "secret plan" not in orjson.dumps(events).decode()
-    assert any(r.name == "chatprocessor.audit" and "mallory" in r.getMessage() for r in caplog.records)
+    assert any(
+        r.name == "chatprocessor.audit" and "mallory" in r.getMessage() for r in caplog.records
+    )
 
 
 async def test_cancel_stops_generation_and_keeps_the_partial_text(tmp_path: Path) -> None:
