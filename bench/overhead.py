@@ -12,9 +12,10 @@ the same prefetch for every contestant, each a process of its own:
   subscriber calling the fake with httpx, its reply published by the subscriber's publisher),
   started with FastStream's own CLI.
 
-Three rows more are for reading only (no target): the limit without the LLM call (the
+Four rows more are for reading only (no target): the limit without the LLM call (the
 broker's own ceiling), the limit with httpx instead of aiohttp (what that choice of client
-is worth) and chatprocessor with IDEMPOTENCY_TTL=0 (what the idempotency store costs).
+is worth), chatprocessor with IDEMPOTENCY_TTL=0 (what the idempotency store costs) and
+with HISTORY_ENABLED=true (what conversation history costs the seed 000 door).
 
 Method: 4 rounds; in each, every contestant in turn (the order reversed every other round, so
 drift in the machine's load hits all alike) gets its share of the jobs published first
@@ -80,6 +81,7 @@ FASTSTREAM = "faststream"
 BROKER_ONLY = "broker only, no LLM call (info)"
 LIMIT_HTTPX = "limit with httpx (info)"
 NO_STORE = "chatprocessor, IDEMPOTENCY_TTL=0 (info)"
+WITH_HISTORY = "chatprocessor, HISTORY_ENABLED=true (info)"
 MAIN = (LIMIT, CHATPROCESSOR, FASTSTREAM)
 CHART_LABELS = {
     LIMIT: "limit\n(aio-pika loop)",
@@ -88,6 +90,7 @@ CHART_LABELS = {
     BROKER_ONLY: "broker only\n(info)",
     LIMIT_HTTPX: "limit, httpx\n(info)",
     NO_STORE: "chatprocessor\nTTL=0 (info)",
+    WITH_HISTORY: "chatprocessor\nhistory (info)",
 }
 
 
@@ -156,9 +159,11 @@ def contestants(fake: FakeBackend) -> dict[str, Starter]:
         args += ["--factory", "--log-level", "warning"]
         return BenchProcess(args, _peer_env(queues, fake.url), "faststream", scratch)
 
-    def chatprocessor(queues: QueueSet, scratch: Path, **extra: str) -> BenchProcess:
+    def chatprocessor(
+        queues: QueueSet, scratch: Path, name: str = "chatprocessor", **extra: str
+    ) -> BenchProcess:
         env = worker_env(queues, scratch / "data", ollama_url=fake.url, prefetch=PREFETCH, **extra)
-        return chatprocessor_process(env, "chatprocessor" + ("-nostore" if extra else ""), scratch)
+        return chatprocessor_process(env, name, scratch)
 
     return {
         LIMIT: limit,
@@ -166,7 +171,12 @@ def contestants(fake: FakeBackend) -> dict[str, Starter]:
         FASTSTREAM: faststream,
         BROKER_ONLY: broker_only,
         LIMIT_HTTPX: limit_httpx,
-        NO_STORE: lambda queues, scratch: chatprocessor(queues, scratch, IDEMPOTENCY_TTL="0"),
+        NO_STORE: lambda queues, scratch: chatprocessor(
+            queues, scratch, "chatprocessor-nostore", IDEMPOTENCY_TTL="0"
+        ),
+        WITH_HISTORY: lambda queues, scratch: chatprocessor(
+            queues, scratch, "chatprocessor-history", HISTORY_ENABLED="true"
+        ),
     }
 
 

@@ -91,7 +91,8 @@ def build_worker(settings: Settings) -> Worker:
         else (),
     )
     provider = build_providers(settings)
-    chat = not models and settings.transport != "tasks"
+    # Seed 000's door has no rag mode: without history it needs no context step at all.
+    context = not models and settings.transport != "tasks" and (stream or settings.uses_history)
     return Worker(
         build_transport(settings),
         provider,
@@ -99,7 +100,7 @@ def build_worker(settings: Settings) -> Worker:
         config,
         store=build_reply_store(settings),
         limiter=build_limiter(settings) if settings.transport == "tasks" else None,
-        conversations=build_conversations(settings, provider) if chat else None,
+        conversations=build_conversations(settings, provider) if context else None,
         events=build_event_sink(settings) if stream else None,
         cancels=CancelRegistry() if stream else None,
         cancel_source=build_cancel_source(settings) if stream else None,
@@ -114,7 +115,7 @@ def build_conversations(settings: Settings, provider: Provider) -> Conversations
     from chatprocessor.features.rag.retrieval import build_retriever
 
     history: HistoryStore | None = None
-    if settings.history_enabled:
+    if settings.uses_history:
         if settings.redis_url:
             history = RedisHistoryStore(
                 settings.redis_url,

@@ -90,7 +90,9 @@ class Settings(BaseSettings):
     tenant_id: str = Field("default", min_length=1)
 
     # Conversation history (chat and stream doors): Redis with REDIS_URL, else SQLite.
-    history_enabled: bool = True
+    #: Unset: on for the stream door (seed 003 asks for it), off for seed 000's chat door,
+    #: whose seed answers each prompt on its own (history costs it about 1 ms CPU per job).
+    history_enabled: bool | None = None
     #: The context window sent to the model: system prompt, history, new message.
     history_max_tokens: int = Field(2048, ge=64)
     history_max_messages: int = Field(50, ge=0)
@@ -227,6 +229,12 @@ class Settings(BaseSettings):
         return self.contract == "stream" or (self.contract == "auto" and self.transport == "redis")
 
     @property
+    def uses_history(self) -> bool:
+        if self.history_enabled is None:
+            return self.uses_stream_contract
+        return self.history_enabled
+
+    @property
     def writes_job_metrics(self) -> bool:
         return self.job_metrics == "on" or (
             self.job_metrics == "auto" and self.uses_stream_contract
@@ -295,7 +303,7 @@ class Settings(BaseSettings):
     def uses_data_dir(self) -> bool:
         """The local transport, the idempotency and history stores without REDIS_URL, and
         job metrics without DATABASE_URL keep files there."""
-        local_store = (self.idempotency_ttl > 0 or self.history_enabled) and self.redis_url is None
+        local_store = (self.idempotency_ttl > 0 or self.uses_history) and self.redis_url is None
         local_db = self.writes_job_metrics and not self.database_url
         return self.transport == "local" or local_store or local_db
 

@@ -25,9 +25,9 @@ import orjson
 import redis.asyncio as redis
 
 from chatprocessor.core.errors import BrokerUnavailable, PublishFailed
-from chatprocessor.events.redis_sink import CALL_TIMEOUT, UNREACHABLE, redis_client
 from chatprocessor.events.sink import safe_url
 from chatprocessor.ops.metrics import CANCELS, labelled
+from chatprocessor.stores.redis_client import CALL_TIMEOUT, UNREACHABLE, redis_client
 
 __all__ = [
     "CANCELLED",

@@ -17,12 +17,11 @@ from typing import Any
 
 import orjson
 import redis.asyncio as redis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
 
 from chatprocessor.core.errors import BrokerUnavailable, MalformedMessage, PublishFailed
 from chatprocessor.events.sink import event_json, safe_url
 from chatprocessor.ops.metrics import EVENTS_SENT, labelled
+from chatprocessor.stores.redis_client import CALL_TIMEOUT, UNREACHABLE, redis_client
 
 __all__ = [
     "CALL_TIMEOUT",
@@ -36,35 +35,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_EVENTS_STREAM = "sse:chat:events"
-#: Errors that mean "Redis cannot be reached" rather than "Redis said no".
-UNREACHABLE: tuple[type[BaseException], ...] = (
-    redis.ConnectionError,
-    redis.TimeoutError,
-    OSError,
-)
-
-
-#: Seconds a Redis call may take before the server counts as unreachable.
-CALL_TIMEOUT = 5.0
-
-
-def redis_client(url: str, *, name: str | None = None) -> redis.Redis:
-    """A client with one connection pool and a short retry (one stale pooled connection is
-    replaced at once; a Redis that is down fails in milliseconds, not after backoff).
-    ``name`` is shown by CLIENT LIST.
-
-    No ``socket_timeout``: with one, redis-py wraps each write in ``asyncio.wait_for``,
-    which on Python 3.11 can swallow a task's cancellation (the task then runs on, e.g.
-    blocked in the next XREAD). Callers bound each call with ``asyncio.timeout`` instead.
-    """
-    return redis.Redis.from_url(
-        url,
-        client_name=name,
-        socket_connect_timeout=CALL_TIMEOUT,
-        socket_timeout=None,  # redis-py 8's default is 5 s
-        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),
-        health_check_interval=30,
-    )
 
 
 def stream_entry(event: Mapping[str, Any]) -> dict[str, bytes | str]:

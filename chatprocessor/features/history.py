@@ -29,6 +29,7 @@ import orjson
 
 from chatprocessor.core.errors import StoreUnavailable
 from chatprocessor.core.job import ChatMessage
+from chatprocessor.stores.redis_client import CALL_TIMEOUT
 from chatprocessor.stores.sqlite import enable_wal
 
 KEY_PREFIX = "chatprocessor:history"
@@ -120,12 +121,15 @@ class RedisHistoryStore:
     ) -> None:
         import redis.asyncio as redis
 
+        from chatprocessor.stores.redis_client import redis_client
+
         self.ttl = ttl
         self.max_messages = max_messages
         self.prefix = prefix
         self._ttl_ms = max(1, math.ceil(ttl * 1000))
-        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
-        self._redis: Any = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError, TimeoutError)
+        # No socket_timeout (see RedisReplyStore): calls are bounded with asyncio.timeout.
+        self._redis: Any = redis_client(url)
         self._claim: Any = self._redis.register_script(_CLAIM)
         self._append: Any = self._redis.register_script(_APPEND)
 
@@ -137,7 +141,8 @@ class RedisHistoryStore:
 
     async def claim(self, key: ConversationKey) -> str:
         try:
-            owner = await self._claim(keys=[self._owner(key)], args=[key.user, self._ttl_ms])
+            async with asyncio.timeout(CALL_TIMEOUT):
+                owner = await self._claim(keys=[self._owner(key)], args=[key.user, self._ttl_ms])
         except self._errors as exc:
             raise StoreUnavailable(f"history (redis): {exc}") from exc
         return owner.decode() if isinstance(owner, bytes) else str(owner)
@@ -146,7 +151,10 @@ class RedisHistoryStore:
         if max_messages <= 0:
             return []
         try:
-            raw = await self._redis.lrange(f"{self._conversation(key)}:messages", -max_messages, -1)
+            async with asyncio.timeout(CALL_TIMEOUT):
+                raw = await self._redis.lrange(
+                    f"{self._conversation(key)}:messages", -max_messages, -1
+                )
         except self._errors as exc:
             raise StoreUnavailable(f"history (redis): {exc}") from exc
         return [m for m in map(_decode, raw) if m is not None]
@@ -157,10 +165,11 @@ class RedisHistoryStore:
         base = self._conversation(key)
         items = [_encode(m) for m in messages]
         try:
-            await self._append(
-                keys=[f"{base}:messages", f"{base}:job:{_part(job_id)}"],
-                args=[self._ttl_ms, self.max_messages, *items],
-            )
+            async with asyncio.timeout(CALL_TIMEOUT):
+                await self._append(
+                    keys=[f"{base}:messages", f"{base}:job:{_part(job_id)}"],
+                    args=[self._ttl_ms, self.max_messages, *items],
+                )
         except self._errors as exc:
             raise StoreUnavailable(f"history (redis): {exc}") from exc
 

@@ -23,6 +23,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import orjson
 
 from chatprocessor.core.errors import StoreUnavailable
+from chatprocessor.stores.redis_client import CALL_TIMEOUT
 from chatprocessor.stores.sqlite import enable_wal
 
 KEY_PREFIX = "chatprocessor:reply:"
@@ -337,13 +338,19 @@ class RedisReplyStore:
     def __init__(self, url: str, ttl: float) -> None:
         import redis.asyncio as redis
 
+        from chatprocessor.stores.redis_client import redis_client
+
         self.ttl = ttl
-        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
-        self._redis: Any = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError, TimeoutError)
+        # No socket_timeout: redis-py enforces it with asyncio.wait_for, which on Python 3.11
+        # can swallow a task's cancellation (a worker that never stops); calls are bounded
+        # with asyncio.timeout instead.
+        self._redis: Any = redis_client(url)
 
     async def get(self, key: str) -> StoredReply | None:
         try:
-            raw = await self._redis.get(KEY_PREFIX + key)
+            async with asyncio.timeout(CALL_TIMEOUT):
+                raw = await self._redis.get(KEY_PREFIX + key)
         except self._errors as exc:
             raise StoreUnavailable(f"redis: {exc}") from exc
         return _decode(raw)
@@ -351,16 +358,18 @@ class RedisReplyStore:
     async def put(self, key: str, reply: StoredReply) -> StoredReply:
         try:
             # SET NX GET: store unless present, and get what was there, in one round trip.
-            kept = await self._redis.set(
-                KEY_PREFIX + key, _encode(reply), px=round(self.ttl * 1000), nx=True, get=True
-            )
+            async with asyncio.timeout(CALL_TIMEOUT):
+                kept = await self._redis.set(
+                    KEY_PREFIX + key, _encode(reply), px=round(self.ttl * 1000), nx=True, get=True
+                )
         except self._errors as exc:
             raise StoreUnavailable(f"redis: {exc}") from exc
         return _decode(kept) or reply
 
     async def ping(self) -> bool:
         try:
-            return bool(await self._redis.ping())
+            async with asyncio.timeout(CALL_TIMEOUT):
+                return bool(await self._redis.ping())
         except self._errors:
             return False
 

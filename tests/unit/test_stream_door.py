@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 import pytest
 
+from chatprocessor.contracts.chat import ChatCodec
 from chatprocessor.contracts.stream import StreamCodec
 from chatprocessor.core.worker import Worker, WorkerConfig
 from chatprocessor.events.cancel import CancelRegistry
@@ -290,3 +291,30 @@ async def test_redelivered_job_resends_its_events_without_a_model_call(tmp_path:
     assert len(provider.requests) == 1
     assert sink.of("j1")[-2:] == first_close  # same final and done, same ids
     await store.close()
+
+
+async def test_seed_000_door_keeps_history_when_enabled(tmp_path: Path) -> None:
+    from chatprocessor.app import build_worker
+    from chatprocessor.settings import Settings
+
+    off = build_worker(Settings(data_dir=tmp_path, providers=["mock"]))
+    assert off.conversations is None  # seed 000's door answers each prompt on its own
+    on = build_worker(Settings(data_dir=tmp_path, providers=["mock"], history_enabled=True))
+    assert on.conversations is not None and on.conversations.history is not None
+    provider = Talker()
+    worker = Worker(
+        MemoryTransport(),  # type: ignore[arg-type]
+        provider,
+        ChatCodec(max_bytes=65536),
+        WorkerConfig("UserPromptReceived", "BotResponseCreated"),
+        conversations=Conversations(provider, history=on.conversations.history),
+    )
+    for text in ("I am Ada", "who am I?"):
+        body = orjson.dumps({"conversation_id": 7, "user_id": 1, "message": text})
+        assert (await handle(worker, body)).kinds == ["ack"]
+    assert [m.content for m in provider.requests[-1].messages] == [
+        "I am Ada",
+        "w0 w1 w2 w3 w4",
+        "who am I?",
+    ]
+    await on.conversations.close()
