@@ -318,3 +318,32 @@ async def test_seed_000_door_keeps_history_when_enabled(tmp_path: Path) -> None:
         "who am I?",
     ]
     await on.conversations.close()
+
+
+@pytest.mark.parametrize("transport", ["kafka", "rabbitmq", "redis", "local"])
+def test_stream_door_on_every_transport_reads_chat_request(transport: str, tmp_path: Path) -> None:
+    from chatprocessor.app import build_worker
+    from chatprocessor.settings import Settings
+
+    settings = Settings(
+        transport=transport,
+        contract="stream",
+        redis_url="redis://127.0.0.1:6379/15",
+        data_dir=tmp_path,
+        providers=["mock"],
+    )
+    worker = build_worker(settings)
+    assert worker.config.input_queue == "chat.request"
+    assert isinstance(worker.codec, StreamCodec)
+    assert worker.events is not None and worker.cancels is not None
+    assert worker.job_metrics is not None and worker.conversations is not None
+
+
+def test_stream_door_without_redis_stops_startup_naming_the_setting(tmp_path: Path) -> None:
+    from chatprocessor.core.errors import ConfigError
+    from chatprocessor.settings import Settings
+
+    with pytest.raises(ConfigError, match="REDIS_URL"):
+        Settings.load(contract="stream", data_dir=tmp_path)
+    with pytest.raises(ConfigError, match="TRANSPORT=redis needs REDIS_URL"):
+        Settings.load(transport="redis", data_dir=tmp_path)
