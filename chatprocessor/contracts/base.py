@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+import orjson
 from pydantic import ValidationError
 
-from chatprocessor.core.errors import MessageTooLarge
+from chatprocessor.core.errors import MalformedMessage, MessageTooLarge
 from chatprocessor.core.job import Job, Result
 
 
@@ -14,6 +15,27 @@ def check_size(body: bytes, max_bytes: int) -> None:
     """Refuse a body over the limit before anything parses it."""
     if len(body) > max_bytes:
         raise MessageTooLarge(f"message is {len(body)} bytes, over MAX_MESSAGE_BYTES={max_bytes}")
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object, or MalformedMessage saying what it is instead."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedMessage(f"body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise MalformedMessage(f"body must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def peek_object(body: bytes, max_bytes: int) -> dict[str, Any] | None:
+    """Best effort, for an error reply to a message that failed to decode: its JSON object."""
+    if len(body) > max_bytes:
+        return None
+    try:
+        return json_object(body)
+    except MalformedMessage:
+        return None
 
 
 def reasons(exc: ValidationError) -> str:

@@ -14,7 +14,7 @@ from typing import Any, Required, TypedDict
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
-from chatprocessor.contracts.base import check_size, reasons
+from chatprocessor.contracts.base import check_size, json_object, peek_object, reasons
 from chatprocessor.contracts.naming import Naming, any_case, rename
 from chatprocessor.core.errors import MalformedMessage
 from chatprocessor.core.job import Job, Result
@@ -139,12 +139,7 @@ class ChatCodec:
     ) -> Job:
         """Check size first, then JSON, then the schema; raise MessageRejected with the reason."""
         check_size(body, self.max_bytes)
-        try:
-            data = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise MalformedMessage(f"body is not valid JSON: {exc}") from exc
-        if not isinstance(data, dict):
-            raise MalformedMessage(f"body must be a JSON object, got {type(data).__name__}")
+        data = json_object(body)
         if _depth(data, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
             raise MalformedMessage(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
         try:
@@ -168,13 +163,8 @@ class ChatCodec:
 
     def peek_conversation_id(self, body: bytes) -> int | str | None:
         """Best-effort conversation id of a message that failed to decode, for an error reply."""
-        if len(body) > self.max_bytes:
-            return None
-        try:
-            data = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return None
-        if not isinstance(data, dict):
+        data = peek_object(body, self.max_bytes)
+        if data is None:
             return None
         for key in ("conversation_id", "conversationId", "ConversationId"):
             value = data.get(key)

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from chatprocessor.contracts.base import check_size, reasons
+from chatprocessor.contracts.base import check_size, json_object, peek_object, reasons
 from chatprocessor.contracts.naming import any_case
 from chatprocessor.core.errors import MalformedMessage
 from chatprocessor.core.job import Job, Result
@@ -146,12 +146,7 @@ class StreamCodec:
         correlation_id: str | None = None,
     ) -> Job:
         check_size(body, self.max_bytes)
-        try:
-            data = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise MalformedMessage(f"body is not valid JSON: {exc}") from exc
-        if not isinstance(data, dict):
-            raise MalformedMessage(f"body must be a JSON object, got {type(data).__name__}")
+        data = json_object(body)
         try:
             request = ChatRequestMessage.model_validate(data)
         except ValidationError as exc:
@@ -185,13 +180,8 @@ class StreamCodec:
         correlation_id: str | None = None,
     ) -> Job | None:
         """A bad request still gets ``error`` and ``done`` when its jobId and userId can be read."""
-        if len(body) > self.max_bytes:
-            return None
-        try:
-            data = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return None
-        if not isinstance(data, dict):
+        data = peek_object(body, self.max_bytes)
+        if data is None:
             return None
 
         def pick(snake: str) -> str | None:

@@ -95,19 +95,37 @@ def request(
     )
 
 
+def stream_worker(
+    provider: Talker,
+    *,
+    events: ListSink,
+    interval: float = 0.05,
+    store: Any = None,
+    **features: Any,
+) -> Worker:
+    """The stream door's worker on the in-memory transport."""
+    return Worker(
+        MemoryTransport(),  # type: ignore[arg-type]
+        provider,
+        StreamCodec(max_bytes=65536),
+        WorkerConfig("chat.request", "unused", stream_flush_interval=interval),
+        store,
+        events=events,
+        **features,
+    )
+
+
 @pytest.fixture
 async def door(tmp_path: Path) -> AsyncIterator[tuple[Worker, Talker, ListSink]]:
     provider = Talker()
     sink = ListSink()
     history = SQLiteHistoryStore(tmp_path / "history.sqlite3", ttl=3600, max_messages=50)
-    worker = Worker(
-        MemoryTransport(),  # type: ignore[arg-type]
+    worker = stream_worker(
         provider,
-        StreamCodec(max_bytes=65536),
-        WorkerConfig("chat.request", "unused", stream_flush_interval=0.0),
         conversations=Conversations(provider, history=history, max_tokens=2048),
         events=sink,
         cancels=CancelRegistry(),
+        interval=0.0,
     )
     yield worker, provider, sink
     await history.close()
@@ -138,13 +156,7 @@ async def test_tokens_then_final_then_done_in_order(door: tuple[Worker, Talker, 
 async def test_tokens_are_batched_by_time(tmp_path: Path) -> None:
     provider = Talker(words=200)
     sink = ListSink()
-    worker = Worker(
-        MemoryTransport(),  # type: ignore[arg-type]
-        provider,
-        StreamCodec(max_bytes=65536),
-        WorkerConfig("chat.request", "unused", stream_flush_interval=10.0),
-        events=sink,
-    )
+    worker = stream_worker(provider, events=sink, interval=10.0)
     await handle(worker, request("j1", "hello"))
     tokens = [e for e in sink.events if e["type"] == "token"]
     # The first piece goes at once, the rest within the interval in one batch.
@@ -191,14 +203,7 @@ async def test_cancel_stops_generation_and_keeps_the_partial_text(tmp_path: Path
     provider = Talker(words=1000, delay=0.01)
     sink = ListSink()
     cancels = CancelRegistry()
-    worker = Worker(
-        MemoryTransport(),  # type: ignore[arg-type]
-        provider,
-        StreamCodec(max_bytes=65536),
-        WorkerConfig("chat.request", "unused", stream_flush_interval=0.0),
-        events=sink,
-        cancels=cancels,
-    )
+    worker = stream_worker(provider, events=sink, cancels=cancels, interval=0.0)
     job = asyncio.create_task(handle(worker, request("j1", "talk")))
     while len(sink.of("j1")) < 3:
         await asyncio.sleep(0.005)
@@ -222,14 +227,7 @@ async def test_cancel_before_the_job_starts_applies_when_it_does(tmp_path: Path)
     provider = Talker(words=50, delay=0.01)
     sink = ListSink()
     cancels = CancelRegistry()
-    worker = Worker(
-        MemoryTransport(),  # type: ignore[arg-type]
-        provider,
-        StreamCodec(max_bytes=65536),
-        WorkerConfig("chat.request", "unused"),
-        events=sink,
-        cancels=cancels,
-    )
+    worker = stream_worker(provider, events=sink, cancels=cancels)
     cancels.request("j1", "u1")
     await handle(worker, request("j1", "talk"))
     assert sink.of("j1")[-1]["status"] == "cancelled"
@@ -239,13 +237,7 @@ async def test_cancel_before_the_job_starts_applies_when_it_does(tmp_path: Path)
 async def test_per_job_timeout_keeps_the_partial_text(tmp_path: Path) -> None:
     provider = Talker(words=1000, delay=0.01)
     sink = ListSink()
-    worker = Worker(
-        MemoryTransport(),  # type: ignore[arg-type]
-        provider,
-        StreamCodec(max_bytes=65536),
-        WorkerConfig("chat.request", "unused", stream_flush_interval=0.0),
-        events=sink,
-    )
+    worker = stream_worker(provider, events=sink, interval=0.0)
     delivery = await handle(worker, request("j1", "talk", timeoutSeconds=0.3))
     assert delivery.kinds == ["ack"]  # a timed-out stream is answered, not retried
     final, done = sink.of("j1")[-2:]
@@ -276,14 +268,7 @@ async def test_redelivered_job_resends_its_events_without_a_model_call(tmp_path:
     provider = Talker()
     sink = ListSink()
     store = SQLiteReplyStore(tmp_path / "replies.sqlite3", 3600)
-    worker = Worker(
-        MemoryTransport(),  # type: ignore[arg-type]
-        provider,
-        StreamCodec(max_bytes=65536),
-        WorkerConfig("chat.request", "unused"),
-        store,
-        events=sink,
-    )
+    worker = stream_worker(provider, store=store, events=sink)
     body = request("j1", "hello")
     await handle(worker, body)
     first_close = sink.of("j1")[-2:]
