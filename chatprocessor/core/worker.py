@@ -538,8 +538,10 @@ class Worker:
         try:
             log.warning("rejected message %s: %s", delivery.message_id or "(no id)", reason)
             if job is not None:
+                # A job's status says whose fault it was; an internal error is a failure.
+                status = kind if kind in (REJECTED, FORBIDDEN) else "failed"
                 error = Result(
-                    text="", model_used=self.provider.default_model, error=reason, status=kind
+                    text="", model_used=self.provider.default_model, error=reason, status=status
                 )
                 await self._send_error_reply(job, error)
             await self._dead_letter(delivery, reason, kind)

@@ -55,7 +55,16 @@ from chatprocessor.stores.database import DATABASE_ERRORS, migrate
 log = logging.getLogger(__name__)
 
 MODES = ("gen", "rag")
-STATUSES = ("queued", "running", "completed", "cancelled", "timeout", "failed", "forbidden")
+STATUSES = (
+    "queued",
+    "running",
+    "completed",
+    "cancelled",
+    "timeout",
+    "failed",
+    "forbidden",
+    "rejected",
+)
 #: A job in one of these may still change; the others are final.
 ACTIVE_STATUSES = ("queued", "running")
 ROLES = ("system", "user", "assistant")

@@ -332,3 +332,36 @@ def test_stream_door_without_redis_stops_startup_naming_the_setting(tmp_path: Pa
         Settings.load(contract="stream", data_dir=tmp_path)
     with pytest.raises(ConfigError, match="TRANSPORT=redis needs REDIS_URL"):
         Settings.load(transport="redis", data_dir=tmp_path)
+
+
+async def test_rejected_and_internal_errors_are_recorded_with_a_known_status(
+    tmp_path: Path,
+) -> None:
+    from chatprocessor.stores.database import create_engine
+    from chatprocessor.stores.job_metrics import JobMetrics
+
+    metrics = JobMetrics(create_engine(f"sqlite+aiosqlite:///{tmp_path / 'jobs.db'}"))
+    await metrics.start()
+    sink = ListSink()
+
+    class Broken(Talker):
+        async def chat(self, request: ChatRequest, *, stream: bool = False) -> AsyncIterator[Chunk]:
+            raise RuntimeError("a bug")
+            yield Chunk("")  # pragma: no cover - makes this an async generator
+
+    for provider in (Talker(), Broken()):
+        worker = stream_worker(provider, events=sink, job_metrics=metrics)
+        bad = orjson.dumps({"jobId": f"bad-{provider.name}-{id(provider)}", "userId": "u1"})
+        delivery = await handle(worker, bad)
+        assert [kind for kind, _ in delivery.settlements] == ["dead_letter"]
+    broken = await handle(worker, request("j-bug", "hello"))
+    [(kind, headers)] = broken.settlements
+    assert kind == "dead_letter" and headers["x-dead-letter-reason"] == "internal_error"
+    await metrics.flush()
+    rows = {job: await metrics.get(job) for job in {e["jobId"] for e in sink.events}}
+    statuses = sorted(row["status"] for row in rows.values() if row is not None)
+    assert statuses == ["failed", "rejected", "rejected"]
+    # Each job closed once: one error and one done, never a second error reply.
+    for job in rows:
+        assert [e["type"] for e in sink.of(job)] == ["error", "done"]
+    await metrics.close()
