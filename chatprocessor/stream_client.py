@@ -14,6 +14,8 @@ from typing import Any
 import orjson
 import redis.asyncio as redis
 
+from chatprocessor.events.redis_sink import read_entry
+from chatprocessor.stores.redis_client import redis_client
 from chatprocessor.transports.base import Outgoing, Transport
 
 
@@ -37,25 +39,21 @@ async def follow(
     """The job's events in stream order, from ``after`` until its ``done`` event."""
     events: list[dict[str, Any]] = []
     cursor = after
+    job_key = job_id.encode()
     while True:
         answer: Any = await client.xread({stream: cursor}, block=1000, count=500)
         for _, entries in answer or ():
             for entry_id, fields in entries:
                 cursor = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-                if _field(fields, "jobId") != job_id:
+                if fields.get(b"jobId") != job_key:
                     continue
-                event: dict[str, Any] = orjson.loads(_field(fields, "data") or b"{}")
+                event = read_entry(fields)
                 event["streamId"] = cursor
                 events.append(event)
                 if on_event is not None:
                     on_event(event)
                 if event.get("type") == "done":
                     return events
-
-
-def _field(fields: dict[Any, Any], name: str) -> Any:
-    value = fields.get(name.encode(), fields.get(name))
-    return value.decode() if isinstance(value, bytes) and name != "data" else value
 
 
 async def ask(
@@ -84,7 +82,7 @@ async def ask(
     }
     if tenant_id:
         request["tenantId"] = tenant_id
-    client = redis.Redis.from_url(redis_url)
+    client = redis_client(redis_url)
     try:
         after = await last_id(client, events_stream)  # before sending: no event is missed
         await transport.publish(topic, Outgoing(orjson.dumps(request), message_id=job_id))
