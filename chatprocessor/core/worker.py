@@ -43,7 +43,7 @@ from chatprocessor.core.errors import (
 )
 from chatprocessor.core.job import ChatMessage, Job, Result
 from chatprocessor.core.retry import MAX_WAIT, RetryPolicy
-from chatprocessor.core.streaming import Generation, until_cancelled
+from chatprocessor.core.streaming import Generation, PieceSink, until_cancelled
 from chatprocessor.ops import metrics
 from chatprocessor.ops.logging import conversation_id_var
 from chatprocessor.providers.base import ChatRequest, Provider, same_model
@@ -682,7 +682,9 @@ class Worker:
             provider=state.provider,
         )
 
-    async def _generate(self, request: ChatRequest, state: Generation, send: Any) -> None:
+    async def _generate(
+        self, request: ChatRequest, state: Generation, send: PieceSink | None
+    ) -> None:
         """Read the provider's chunks into ``state``, sending text in batches by time."""
         interval = self.config.stream_flush_interval
         state.last_flush = state.started - interval  # the first piece goes at once
@@ -707,7 +709,7 @@ class Worker:
         if send is not None:
             await state.flush(send)
 
-    def _piece_sink(self, job: Job, attempt: int, events: bool) -> Any:
+    def _piece_sink(self, job: Job, attempt: int, events: bool) -> PieceSink | None:
         """Where streamed text goes: token events, chunks to the requester's queue, or nowhere."""
         if events:
             codec = typing.cast(EventCodec, self.codec)
