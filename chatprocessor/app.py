@@ -9,10 +9,13 @@ import gc
 import logging
 from typing import TYPE_CHECKING
 
+import orjson
+
 from chatprocessor.contracts.base import Codec
 from chatprocessor.contracts.chat import ChatCodec
+from chatprocessor.core.priority import PriorityGate
 from chatprocessor.core.retry import RetryPolicy
-from chatprocessor.core.worker import Worker, WorkerConfig
+from chatprocessor.core.worker import Lane, Worker, WorkerConfig
 from chatprocessor.events.cancel import CancelRegistry, CancelSource
 from chatprocessor.ops.server import OpsServer
 from chatprocessor.providers import build_providers
@@ -20,10 +23,15 @@ from chatprocessor.ratelimit import Limits, RateLimiter
 from chatprocessor.settings import Settings
 from chatprocessor.stores import build_reply_store
 from chatprocessor.transports import build_transport
+from chatprocessor.transports.base import Outgoing
 
 if TYPE_CHECKING:
     from chatprocessor.events.sink import EventSink
+    from chatprocessor.features.budget import BudgetGuard
+    from chatprocessor.stores.usage_ledger import UsageLedger
+    from chatprocessor.transports.base import Transport
     from chatprocessor.features.conversation import Conversations
+    from chatprocessor.features.governance import Governance
     from chatprocessor.features.history import HistoryStore
     from chatprocessor.providers.base import Provider
     from chatprocessor.stores.job_metrics import JobMetrics
@@ -41,6 +49,14 @@ def build_codec(settings: Settings) -> Codec:
         return TaskCodec(
             max_bytes=settings.max_message_bytes,
             supported_models=settings.supported_models if local else [],
+        )
+    if settings.uses_pipeline_contract:
+        from chatprocessor.contracts.pipeline import PipelineCodec
+
+        return PipelineCodec(
+            max_bytes=settings.max_message_bytes,
+            currency=settings.cost_currency,
+            high_min=settings.high_priority_min,
         )
     if settings.uses_stream_contract:
         from chatprocessor.contracts.stream import StreamCodec
@@ -72,9 +88,16 @@ def build_worker(settings: Settings) -> Worker:
     retry = RetryPolicy.from_settings(settings)
     models = settings.uses_models_contract
     stream = settings.uses_stream_contract
+    pipeline = settings.uses_pipeline_contract
+    if models:
+        output_queue = settings.text_response_topic
+    elif pipeline:
+        output_queue = settings.ai_response_queue
+    else:
+        output_queue = settings.rabbitmq_queue_output
     config = WorkerConfig(
         input_queue=settings.input_queue,
-        output_queue=settings.text_response_topic if models else settings.rabbitmq_queue_output,
+        output_queue=output_queue,
         prefetch=settings.concurrency_limit
         if settings.transport == "tasks"
         else settings.prefetch_count,
@@ -89,12 +112,15 @@ def build_worker(settings: Settings) -> Worker:
         models_to_pull=tuple(settings.supported_models)
         if settings.transport == "tasks" and "ollama" in settings.provider_names
         else (),
+        lanes=build_lanes(settings) if pipeline else (),
     )
     provider = build_providers(settings)
     # Seed 000's door has no rag mode: without history it needs no context step at all.
     context = not models and settings.transport != "tasks" and (stream or settings.uses_history)
+    transport = build_transport(settings)
+    governance = build_governance(settings, provider, transport)
     return Worker(
-        build_transport(settings),
+        transport,
         provider,
         build_codec(settings),
         config,
@@ -105,6 +131,135 @@ def build_worker(settings: Settings) -> Worker:
         cancels=CancelRegistry() if stream else None,
         cancel_source=build_cancel_source(settings) if stream else None,
         job_metrics=build_job_metrics(settings) if settings.writes_job_metrics else None,
+        governance=governance,
+        gate=PriorityGate(settings.model_slots) if pipeline else None,
+    )
+
+
+def build_lanes(settings: Settings) -> tuple[Lane, ...]:
+    """The pipeline's three lanes, each with the seed's retry budget and deadline."""
+    lanes = []
+    for name, queue in settings.lanes.items():
+        retry = RetryPolicy(
+            getattr(settings, f"lane_{name}_max_retries"),
+            getattr(settings, f"lane_{name}_backoff"),
+            max(settings.retry_backoff_cap, getattr(settings, f"lane_{name}_backoff")),
+        )
+        timeout = getattr(settings, f"lane_{name}_timeout") or settings.job_timeout
+        prefetch = getattr(settings, f"lane_{name}_prefetch")
+        lanes.append(Lane(name, queue, prefetch, retry, min(timeout, settings.job_timeout)))
+    return tuple(lanes)
+
+
+def build_governance(
+    settings: Settings, provider: Provider, transport: Transport
+) -> Governance | None:
+    """Limits, budgets, cache, post-processing and the usage ledger, as settings ask."""
+    pipeline = settings.uses_pipeline_contract
+    if not (
+        pipeline
+        or settings.uses_rate_limits
+        or settings.uses_budgets
+        or settings.uses_cache
+        or settings.writes_usage_ledger
+        or settings.uses_content_filters
+    ):
+        return None  # the other doors' hot path stays as it was
+    from chatprocessor.features.governance import Governance
+    from chatprocessor.features.pricing import PriceTable
+
+    governance = Governance(
+        prices=PriceTable.from_setting(
+            settings.model_prices, local_price=settings.local_compute_price
+        ),
+        currency=settings.cost_currency,
+        cache_ttl=settings.cache_ttl,
+        cache_streaming=settings.cache_streaming,
+        cache_context_messages=settings.cache_context_messages,
+        classify_replies=settings.classify_replies,
+        default_model=provider.default_model,
+    )
+    if settings.uses_rate_limits:
+        from chatprocessor.features.tenant_limits import TenantRateLimiter
+
+        governance.limiter = TenantRateLimiter(
+            lambda tenant: settings.tenant_policy(tenant).requests_per_minute or 0,
+            redis_url=settings.redis_url,
+        )
+    if settings.writes_usage_ledger:
+        governance.ledger = build_usage_ledger(settings)
+    if settings.uses_budgets:
+        governance.budget = build_budget(settings, transport)
+    if settings.uses_cache:
+        from chatprocessor.features.cache import (
+            CountingCache,
+            MemoryResponseCache,
+            RedisResponseCache,
+            ResponseCache,
+        )
+
+        inner: ResponseCache = (
+            RedisResponseCache(settings.redis_url)
+            if settings.redis_url
+            else MemoryResponseCache(max_entries=settings.cache_max_entries)
+        )
+        governance.cache = CountingCache(inner)
+    if settings.uses_content_filters:
+        from chatprocessor.features.content_filter import TenantFilters
+
+        governance.filters = TenantFilters(
+            {tenant: policy.content_filters for tenant, policy in settings.tenants.items()},
+            default=settings.content_filters,
+            replacement=settings.content_filter_replacement,
+        )
+    return governance
+
+
+def build_usage_ledger(settings: Settings) -> UsageLedger:
+    """ai_usage_logs in DATABASE_URL (SQLite in DATA_DIR by default)."""
+    from chatprocessor.stores.database import create_engine, database_url
+    from chatprocessor.stores.usage_ledger import UsageLedger
+
+    url = database_url(settings.database_url, settings.data_dir.expanduser())
+    return UsageLedger(create_engine(url))
+
+
+def build_budget(settings: Settings, transport: Transport) -> BudgetGuard:
+    """Budgets per tenant: spend in Redis (shared) or in process, alerts to ALERTS_QUEUE."""
+    from chatprocessor.features.budget import (
+        Alert,
+        Budget,
+        BudgetGuard,
+        MemorySpendStore,
+        RedisSpendStore,
+        SpendStore,
+    )
+
+    store: SpendStore
+    if settings.redis_url:
+        store = RedisSpendStore(settings.redis_url)
+    else:
+        store = MemorySpendStore()  # Governance.start seeds it from the ledger
+
+    def budget_of(tenant: str) -> Budget:
+        policy = settings.tenant_policy(tenant)
+        return Budget(daily=policy.daily_budget or 0.0, monthly=policy.monthly_budget or 0.0)
+
+    async def publish_alert(alert: Alert) -> None:
+        event = alert.event()
+        window = alert.at.strftime("%Y-%m-%d" if alert.period == "daily" else "%Y-%m")
+        await transport.declare(settings.alerts_queue)
+        await transport.publish(
+            settings.alerts_queue,
+            Outgoing(
+                orjson.dumps(event),
+                message_id=f"alert:{alert.tenant}:{alert.period}:{window}:{alert.level}",
+                type="BudgetAlert",
+            ),
+        )
+
+    return BudgetGuard(
+        store, budget_of, on_alert=publish_alert, currency=settings.cost_currency
     )
 
 
@@ -196,6 +351,7 @@ def build_limiter(settings: Settings) -> RateLimiter | None:
 async def run_service(settings: Settings, stop: asyncio.Event) -> None:
     """Run until ``stop`` is set; in-flight jobs get GRACEFUL_TIMEOUT to finish."""
     worker = build_worker(settings)
+    poller: asyncio.Task[None] | None = None
     ops = (
         OpsServer(
             worker.readiness,
@@ -230,7 +386,16 @@ async def run_service(settings: Settings, stop: asyncio.Event) -> None:
         # of the collector's generations keeps full collections from walking it again.
         gc.freeze()
         log.info("ready: waiting for prompts on %r", worker.config.input_queue)
-        await worker.run(stop)
+        if settings.uses_pipeline_contract:
+            from chatprocessor.ops.queue_depth import QueueDepthPoller
+
+            poller = asyncio.create_task(QueueDepthPoller(worker.transport, settings.lanes).run())
+        try:
+            await worker.run(stop)
+        finally:
+            if poller is not None:
+                poller.cancel()
+                await asyncio.gather(poller, return_exceptions=True)
     finally:
         await worker.transport.close()
         await worker.provider.close()

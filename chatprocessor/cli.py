@@ -247,7 +247,9 @@ def _add_subcommands() -> None:
     from chatprocessor.cli_db import app as db_app
     from chatprocessor.cli_dlq import app as dlq_app
     from chatprocessor.cli_rag import ingest, rag_app
+    from chatprocessor.cli_batch import batch
     from chatprocessor.cli_stream import cancel, chat
+    from chatprocessor.cli_usage import usage
 
     app.add_typer(dlq_app, name="dlq")
     app.add_typer(db_app, name="db")
@@ -255,6 +257,8 @@ def _add_subcommands() -> None:
     app.command("ingest")(ingest)
     app.command("chat")(chat)
     app.command("cancel")(cancel)
+    app.command("usage")(usage)
+    app.command("batch")(batch)
 
 
 _add_subcommands()

@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from chatprocessor.core.errors import ConfigError
@@ -34,6 +42,33 @@ def _writable(directory: Path, *, create: bool) -> bool:
 def _default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "chatprocessor"
+
+
+class TenantPolicy(BaseModel):
+    """One tenant's entry in TENANTS; a field left out takes the TENANT_* default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests_per_minute: int | None = Field(None, ge=0)
+    daily_budget: float | None = Field(None, ge=0)
+    monthly_budget: float | None = Field(None, ge=0)
+    content_filters: list[str] = Field(default_factory=list)
+
+    @field_validator("content_filters")
+    @classmethod
+    def _compiles(cls, patterns: list[str]) -> list[str]:
+        return _check_patterns(patterns)
+
+
+def _check_patterns(patterns: list[str]) -> list[str]:
+    import re
+
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"bad regular expression {pattern!r}: {exc}") from exc
+    return patterns
 
 
 class Settings(BaseSettings):
@@ -60,8 +95,9 @@ class Settings(BaseSettings):
     transport: Literal["local", "rabbitmq", "kafka", "redis", "tasks"] = "local"
     #: chat: seed 000's UserPromptReceived; models: seed 001's photo/text requests;
     #: stream: seed 003's chat.request with answers as events on a Redis Stream;
+    #: pipeline: seed 004's AIJob in three priority lanes, answered with an AIResponse;
     #: auto: models with TRANSPORT=kafka, stream with TRANSPORT=redis, chat otherwise.
-    contract: Literal["auto", "chat", "models", "stream"] = "auto"
+    contract: Literal["auto", "chat", "models", "stream", "pipeline"] = "auto"
     providers: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["embedded"])
 
     # RabbitMQ, beyond the seed.
@@ -105,6 +141,68 @@ class Settings(BaseSettings):
     rag_top_k: int = Field(4, ge=1, le=50)
     rag_chunk_tokens: int = Field(300, ge=32, le=4000)
     rag_chunk_overlap: int = Field(40, ge=0)
+
+    # The AI processing pipeline (seed 004): CONTRACT=pipeline.
+    #: Three lanes, each a queue with priorities 1-10 (x-max-priority on RabbitMQ): priority
+    #: >= HIGH_PRIORITY_MIN goes to high, type batch_processing to batch, the rest to standard.
+    lane_high_queue: str = Field("ai-high-priority", min_length=1)
+    lane_standard_queue: str = Field("ai-standard", min_length=1)
+    lane_batch_queue: str = Field("ai-batch", min_length=1)
+    high_priority_min: int = Field(8, ge=1, le=10)
+    #: Jobs of a lane taken at once (the batch lane's few slots keep a flood from filling the worker).
+    lane_high_prefetch: int = Field(4, ge=1, le=1000)
+    lane_standard_prefetch: int = Field(2, ge=1, le=1000)
+    lane_batch_prefetch: int = Field(1, ge=1, le=1000)
+    #: Retries per lane (the seed's attempts minus one) and their first backoff, in seconds.
+    lane_high_max_retries: int = Field(2, ge=0, le=100)
+    lane_standard_max_retries: int = Field(4, ge=0, le=100)
+    lane_batch_max_retries: int = Field(2, ge=0, le=100)
+    lane_high_backoff: float = Field(2.0, gt=0)
+    lane_standard_backoff: float = Field(5.0, gt=0)
+    lane_batch_backoff: float = Field(5.0, gt=0)
+    #: Deadline of one attempt per lane; 0 means JOB_TIMEOUT.
+    lane_high_timeout: float = Field(0.0, ge=0)
+    lane_standard_timeout: float = Field(0.0, ge=0)
+    lane_batch_timeout: float = Field(300.0, ge=0)
+    #: Model calls at once, highest priority first; 0: 1 with the embedded model, else 4.
+    model_concurrency: int = Field(0, ge=0, le=1000)
+    #: Where AIResponses go when a job names no reply_to.
+    ai_response_queue: str = Field("ai-responses", min_length=1)
+    #: Budget alerts (80 % and 95 %) are published here as JSON events.
+    alerts_queue: str = Field("ai-alerts", min_length=1)
+    #: chat_response jobs get intent, sentiment and suggested actions too (one more model call).
+    classify_replies: bool = True
+
+    # Tenants (any door): sliding-window rate limits and budgets in money.
+    #: Requests per minute per tenant, 0 = no limit; TENANTS overrides it per tenant.
+    tenant_requests_per_minute: int = Field(0, ge=0)
+    tenant_daily_budget: float = Field(0.0, ge=0)
+    tenant_monthly_budget: float = Field(0.0, ge=0)
+    #: Per-tenant overrides as JSON (or a path to a JSON file): {"acme": {"requests_per_minute":
+    #: 60, "daily_budget": 5, "monthly_budget": 100, "content_filters": ["(?i)secret"]}}.
+    tenants: Annotated[dict[str, TenantPolicy], NoDecode] = Field(default_factory=dict)
+    #: Regular expressions replaced in every tenant's answers (TENANTS adds per tenant).
+    content_filters: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    content_filter_replacement: str = "[filtered]"
+
+    # Costs and the usage ledger (ai_usage_logs in DATABASE_URL).
+    #: Per 1,000 tokens, merged over the built-in table: {"gpt-4": {"input": 0.03, "output": 0.06}}.
+    model_prices: dict[str, dict[str, float]] = Field(default_factory=dict)
+    #: Per 1,000 tokens, for local models (embedded, Ollama) without a MODEL_PRICES entry.
+    local_compute_price: float = Field(0.0, ge=0)
+    cost_currency: str = Field("USD", min_length=1, max_length=8)
+    #: auto: on for the pipeline door.
+    usage_ledger: Literal["auto", "on", "off"] = "auto"
+
+    # The response cache: Redis with REDIS_URL, else in process.
+    #: auto: on for the pipeline door; on: every door (streamed jobs only with CACHE_STREAMING).
+    cache_enabled: Literal["auto", "on", "off"] = "auto"
+    cache_ttl: float = Field(300.0, ge=0)
+    cache_max_entries: int = Field(10_000, ge=1)
+    #: Streamed answers are cached too (a hit is sent as one piece).
+    cache_streaming: bool = False
+    #: How many of the latest context messages make part of the cache key (the seed's 3).
+    cache_context_messages: int = Field(3, ge=0, le=100)
 
     # TRANSPORT=redis: Redis Streams with a consumer group.
     redis_stream_group: str = Field("chatprocessor", min_length=1)
@@ -204,6 +302,123 @@ class Settings(BaseSettings):
             return [part.strip() for part in text.split(",") if part.strip()]
         return value
 
+    @field_validator("tenants", mode="before")
+    @classmethod
+    def _read_tenants(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if not text:
+                return {}
+            if not text.startswith("{"):  # a path to a JSON file
+                path = Path(text).expanduser()
+                try:
+                    text = path.read_text(encoding="utf-8")
+                except OSError as exc:
+                    raise ValueError(f"cannot read {path}: {exc.strerror}") from exc
+            import json
+
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not valid JSON: {exc}") from exc
+        return value
+
+    @field_validator("content_filters", mode="before")
+    @classmethod
+    def _split_filters(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            import json
+
+            text = value.strip()
+            if not text:
+                return []
+            if not text.startswith("["):
+                raise ValueError('expected a JSON list of regular expressions, e.g. ["(?i)secret"]')
+            return json.loads(text)
+        return value
+
+    @field_validator("content_filters")
+    @classmethod
+    def _filters_compile(cls, patterns: list[str]) -> list[str]:
+        return _check_patterns(patterns)
+
+    @field_validator("model_prices")
+    @classmethod
+    def _check_prices(cls, value: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        for model, price in value.items():
+            for part in ("input", "output"):
+                amount = price.get(part)
+                if amount is None or amount < 0:
+                    raise ValueError(
+                        f"{model!r} needs {part!r}: a price per 1,000 tokens >= 0, e.g. "
+                        '{"gpt-4": {"input": 0.03, "output": 0.06}}'
+                    )
+        return value
+
+    def tenant_policy(self, tenant: str) -> TenantPolicy:
+        """The tenant's limits with the TENANT_* defaults filled in (filters: its own + global)."""
+        own = self.tenants.get(tenant) or TenantPolicy()
+        return TenantPolicy(
+            requests_per_minute=self.tenant_requests_per_minute
+            if own.requests_per_minute is None
+            else own.requests_per_minute,
+            daily_budget=self.tenant_daily_budget if own.daily_budget is None else own.daily_budget,
+            monthly_budget=self.tenant_monthly_budget
+            if own.monthly_budget is None
+            else own.monthly_budget,
+            content_filters=[*self.content_filters, *own.content_filters],
+        )
+
+    @property
+    def uses_pipeline_contract(self) -> bool:
+        return self.contract == "pipeline"
+
+    @property
+    def lanes(self) -> dict[str, str]:
+        """Lane name -> its queue (the pipeline door)."""
+        return {
+            "high": self.lane_high_queue,
+            "standard": self.lane_standard_queue,
+            "batch": self.lane_batch_queue,
+        }
+
+    @property
+    def uses_rate_limits(self) -> bool:
+        return bool(self.tenant_requests_per_minute) or any(
+            policy.requests_per_minute for policy in self.tenants.values()
+        )
+
+    @property
+    def uses_budgets(self) -> bool:
+        defaults = self.tenant_daily_budget or self.tenant_monthly_budget
+        return bool(defaults) or any(
+            policy.daily_budget or policy.monthly_budget for policy in self.tenants.values()
+        )
+
+    @property
+    def uses_content_filters(self) -> bool:
+        return bool(self.content_filters) or any(p.content_filters for p in self.tenants.values())
+
+    @property
+    def writes_usage_ledger(self) -> bool:
+        return self.usage_ledger == "on" or (
+            self.usage_ledger == "auto" and self.uses_pipeline_contract
+        )
+
+    @property
+    def uses_cache(self) -> bool:
+        return self.cache_ttl > 0 and (
+            self.cache_enabled == "on"
+            or (self.cache_enabled == "auto" and self.uses_pipeline_contract)
+        )
+
+    @property
+    def model_slots(self) -> int:
+        """MODEL_CONCURRENCY, with 0 meaning 1 for the embedded model (one at a time) else 4."""
+        if self.model_concurrency:
+            return self.model_concurrency
+        return 1 if self.provider_names[0] == "embedded" else 4
+
     @property
     def provider_names(self) -> list[str]:
         """PROCESSING_MODE, when set, chooses the providers; else PROVIDERS."""
@@ -249,6 +464,8 @@ class Settings(BaseSettings):
             return self.local_model_kafka_topic
         if self.uses_stream_contract:
             return self.chat_request_topic
+        if self.uses_pipeline_contract:
+            return self.lane_standard_queue
         return self.rabbitmq_queue_input
 
     @field_validator("providers", mode="before")
@@ -304,7 +521,7 @@ class Settings(BaseSettings):
         """The local transport, the idempotency and history stores without REDIS_URL, and
         job metrics without DATABASE_URL keep files there."""
         local_store = (self.idempotency_ttl > 0 or self.uses_history) and self.redis_url is None
-        local_db = self.writes_job_metrics and not self.database_url
+        local_db = (self.writes_job_metrics or self.writes_usage_ledger) and not self.database_url
         return self.transport == "local" or local_store or local_db
 
     @model_validator(mode="after")
@@ -340,6 +557,12 @@ class Settings(BaseSettings):
                 "CONTRACT=stream sends its events to a Redis Stream: set REDIS_URL "
                 "(or EVENTS_SINK=rabbitmq)"
             )
+        if self.uses_pipeline_contract and self.transport not in ("local", "rabbitmq"):
+            raise ValueError(
+                "CONTRACT=pipeline needs TRANSPORT=rabbitmq or local (its lanes are queues)"
+            )
+        if self.uses_pipeline_contract and len(set(self.lanes.values())) < 3:
+            raise ValueError("LANE_HIGH_QUEUE, LANE_STANDARD_QUEUE and LANE_BATCH_QUEUE must differ")
         if self.uses_stream_contract and self.transport in ("tasks",):
             raise ValueError("CONTRACT=stream needs TRANSPORT=kafka, rabbitmq, redis or local")
         if (
@@ -379,6 +602,8 @@ class Settings(BaseSettings):
         "output_naming",
         "events_sink",
         "job_metrics",
+        "usage_ledger",
+        "cache_enabled",
         mode="before",
     )
     @classmethod

@@ -29,7 +29,9 @@ from chatprocessor.core.job import Job, Result
 
 MAX_ID_LENGTH = 200
 #: Statuses a ``done`` event can carry.
-Status = Literal["completed", "cancelled", "timeout", "failed", "forbidden", "rejected"]
+Status = Literal[
+    "completed", "cancelled", "timeout", "failed", "forbidden", "rejected", "over_budget"
+]
 
 
 def _as_text(value: Any) -> Any:

@@ -20,6 +20,9 @@ dead-letter from the class alone::
     │   ├── BadRequest               permanent: the provider refused the request
     │   │   └── ModelNotFound        the model is not installed on the provider
     │   └── InvalidModelOutput       permanent: no valid JSON in the answer, even after a repair
+    ├── TenantLimit                  the tenant's own limits (seed 004), checked before any model call
+    │   ├── TenantRateLimited        transient: over its requests per minute; carries retry_after
+    │   └── BudgetExceeded           permanent: over its daily or monthly budget
     ├── TransportError
     │   ├── BrokerUnavailable        transient: cannot reach the broker
     │   └── PublishFailed            the broker refused a publish (nack)
@@ -109,6 +112,34 @@ class InvalidModelOutput(ProviderError):
     answer."""
 
     transient = False
+
+
+class TenantLimit(ChatProcessorError):
+    """A tenant's own limit stops the job before any model call."""
+
+
+class TenantRateLimited(TenantLimit):
+    """The tenant is over its requests per minute: the job waits (no attempt is used)."""
+
+    transient = True
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        #: Seconds until the tenant's window has room again.
+        self.retry_after = retry_after
+
+
+class BudgetExceeded(TenantLimit):
+    """The tenant spent its daily or monthly budget: the job is refused with an error reply
+    and dead-lettered (replayable once the budget allows it)."""
+
+    def __init__(self, message: str, *, tenant: str, period: str, used: float, limit: float) -> None:
+        super().__init__(message)
+        self.tenant = tenant
+        #: "daily" or "monthly".
+        self.period = period
+        self.used = used
+        self.limit = limit
 
 
 class TransportError(ChatProcessorError):

@@ -41,11 +41,16 @@ class Job:
     tenant: str = "default"
     #: "gen": answer from the conversation; "rag": from retrieved passages too (seed 003).
     mode: str = "gen"
+    #: Earlier turns the request carries itself (seed 004's payload.context), oldest first.
+    context: tuple[ChatMessage, ...] = ()
+    #: 1-10, higher first (seed 004); None when the door has no priorities.
+    priority: int | None = None
 
     def messages(self, default_system_prompt: str = "") -> list[ChatMessage]:
         """The conversation sent to the model: optional system prompt, then the user's turn."""
         system = self.system_prompt if self.system_prompt is not None else default_system_prompt
         out = [ChatMessage("system", system)] if system else []
+        out.extend(self.context)
         out.append(ChatMessage("user", self.prompt, self.images))
         return out
 
@@ -68,3 +73,9 @@ class Result:
     provider: str | None = None
     #: RAG: the passages the answer was given, as {"source", "chunk", "score"} dicts.
     sources: list[dict[str, Any]] = field(default_factory=list)
+    #: Price of the job (MODEL_PRICES), in COST_CURRENCY; None where costs are not tracked.
+    cost: float | None = None
+    #: The answer came from the response cache (no model call).
+    cached: bool = False
+    #: Seed 004 post-processing: intent, sentiment, confidence, suggestedActions.
+    analysis: dict[str, Any] = field(default_factory=dict)

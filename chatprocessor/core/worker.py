@@ -30,6 +30,8 @@ from chatprocessor.contracts.base import Codec, EventCodec
 from chatprocessor.contracts.chat import body_digest, reply_message_id
 from chatprocessor.core.errors import (
     BrokerUnavailable,
+    BudgetExceeded,
+    ChatProcessorError,
     CircuitOpen,
     Forbidden,
     InvalidModelOutput,
@@ -39,6 +41,7 @@ from chatprocessor.core.errors import (
     ProviderTimeout,
     PublishFailed,
     StoreUnavailable,
+    TenantRateLimited,
     Unroutable,
 )
 from chatprocessor.core.job import ChatMessage, Job, Result
@@ -55,6 +58,7 @@ from chatprocessor.transports.base import (
     FAILED,
     FORBIDDEN,
     INTERNAL_ERROR,
+    OVER_BUDGET,
     REJECTED,
     REPLY_REFUSED,
     RETRIES_EXHAUSTED,
@@ -65,14 +69,28 @@ from chatprocessor.transports.base import (
 
 if TYPE_CHECKING:
     from chatprocessor.events.cancel import CancelRegistry, CancelScope, CancelSource
+    from chatprocessor.core.priority import PriorityGate
     from chatprocessor.events.sink import EventSink
     from chatprocessor.features.conversation import Conversations
+    from chatprocessor.features.governance import Governance
     from chatprocessor.stores.job_metrics import JobMetrics, JobRecord
 
 log = logging.getLogger(__name__)
 
 REPLY_TYPE = "BotResponseCreated"
 CHUNK_TYPE = "BotResponseChunk"
+
+
+@dataclass(frozen=True, slots=True)
+class Lane:
+    """One input queue with its own prefetch, retry budget and deadline (seed 004's lanes)."""
+
+    name: str
+    queue: str
+    prefetch: int
+    retry: RetryPolicy
+    #: Deadline of one attempt, seconds.
+    job_timeout: float
 
 
 @dataclass(slots=True)
@@ -96,6 +114,14 @@ class WorkerConfig:
     #: How long a job skipped by open circuit breakers may wait without using attempts,
     #: counted from its first failure (app: the retry budget, at least 2 breaker cool-downs).
     breaker_patience: float = 60.0
+    #: Input queues besides (instead of) ``input_queue``: the pipeline's high, standard and
+    #: batch lanes. Empty: one lane, ``input_queue`` with ``prefetch``, ``retry``, ``job_timeout``.
+    lanes: tuple[Lane, ...] = ()
+
+    def all_lanes(self) -> tuple[Lane, ...]:
+        if self.lanes:
+            return self.lanes
+        return (Lane("default", self.input_queue, self.prefetch, self.retry, self.job_timeout),)
 
 
 class Worker:
@@ -115,8 +141,13 @@ class Worker:
         cancels: CancelRegistry | None = None,
         cancel_source: CancelSource | None = None,
         job_metrics: JobMetrics | None = None,
+        governance: Governance | None = None,
+        gate: PriorityGate | None = None,
     ) -> None:
         self.transport = transport
+        self.governance = governance
+        #: MODEL_CONCURRENCY slots, highest priority first (None: no limit but prefetch).
+        self.gate = gate
         self.limiter = limiter
         self.conversations = conversations
         self.events = events
@@ -128,17 +159,20 @@ class Worker:
         self.config = config
         self.store: ReplyStore = store or NoReplyStore()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._lanes = {lane.queue: lane for lane in config.all_lanes()}
+        self._default_lane = config.all_lanes()[0]
 
     # -- start-up ----------------------------------------------------------------------
 
     async def start(self) -> None:
         """Startup health checks: broker (retrying until it answers), queues, store, provider."""
         await self.transport.connect()
-        await self.transport.declare_input(self.config.input_queue)
+        for lane in self._lanes.values():
+            await self.transport.declare_input(lane.queue)
         await self.transport.declare(self.config.output_queue)
         log.info(
-            "broker ready; consuming %r, replying to %r",
-            self.config.input_queue,
+            "broker ready; consuming %s, replying to %r",
+            ", ".join(repr(queue) for queue in self._lanes),
             self.config.output_queue,
         )
         # Opens the store now, not under the first job.
@@ -150,6 +184,8 @@ class Worker:
             await self.conversations.start()
         if self.job_metrics is not None:
             await self.job_metrics.start()
+        if self.governance is not None:
+            await self.governance.start()
         await self.check_provider()
 
     async def close_features(self) -> None:
@@ -162,6 +198,8 @@ class Worker:
             await self.conversations.close()
         if self.job_metrics is not None:
             await self.job_metrics.close()  # writes what is still queued
+        if self.governance is not None:
+            await self.governance.close()
 
     async def check_provider(self) -> bool:
         """Log whether the provider answers and has its default model."""
@@ -260,12 +298,34 @@ class Worker:
             raise failure
 
     async def _consume(self) -> None:
-        async for delivery in self.transport.consume(self.config.input_queue, self.config.prefetch):
+        lanes = list(self._lanes.values())
+        if len(lanes) == 1:
+            await self._consume_lane(lanes[0])
+            return
+        consumers = [
+            asyncio.create_task(self._consume_lane(lane), name=f"consumer {lane.name}")
+            for lane in lanes
+        ]
+        try:
+            # A lane whose consumer ends stops the worker: its jobs would wait unseen.
+            done, _ = await asyncio.wait(consumers, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+        finally:
+            for task in consumers:
+                task.cancel()
+            await asyncio.gather(*consumers, return_exceptions=True)
+
+    async def _consume_lane(self, lane: Lane) -> None:
+        async for delivery in self.transport.consume(lane.queue, lane.prefetch):
             task = asyncio.create_task(self.handle(delivery))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         # Only the broker ends a consumer (queue deleted): stop loudly, not with exit 0.
-        raise BrokerUnavailable(f"the broker stopped delivering from {self.config.input_queue!r}")
+        raise BrokerUnavailable(f"the broker stopped delivering from {lane.queue!r}")
+
+    def _lane(self, delivery: Delivery) -> Lane:
+        return self._lanes.get(delivery.queue, self._default_lane)
 
     async def drain(self) -> None:
         """Let in-flight jobs finish for GRACEFUL_TIMEOUT; the rest go back to the queue."""
@@ -337,7 +397,7 @@ class Worker:
 
     async def _process(self, delivery: Delivery) -> str:
         wait = delivery.retry_at - time.time()
-        if wait > max(MAX_WAIT, self.config.retry.cap):
+        if wait > max(MAX_WAIT, self._lane(delivery).retry.cap):
             log.warning("ignoring a due time %.0fs away (clock skew?): processing now", wait)
         elif wait > 0:
             # Back from a delay queue shorter than its delay: one more hop, no attempt spent
@@ -385,15 +445,23 @@ class Worker:
         log.debug("prompt: %s", job.prompt)
         if self.job_metrics is not None:
             self.job_metrics.started(self._record(job, delivery, Result("", "", status="running")))
+        lane = self._lane(delivery)
+        job.meta["lane"] = lane.name
+        if lane.job_timeout < self.config.job_timeout:
+            job.meta["timeout"] = min(float(job.meta.get("timeout", lane.job_timeout)), lane.job_timeout)
         try:
-            if job.kind != "chat":
-                result = await self._run_task(job)
+            if self.governance is not None:
+                result = await self.governance.run(job, lane.name, _Calls(self, job, delivery.attempt))
             else:
-                result = await self._converse(job, delivery.attempt)
-            if job.format is not None:
-                result = await self._as_json(job, result, delivery.attempt)
+                result = await self._produce(job, delivery.attempt)
         except Forbidden as exc:
             return await self._give_up(delivery, job, str(exc), FORBIDDEN, status="forbidden")
+        except TenantRateLimited as exc:
+            # The seed delays a tenant over its rate: back through a delay queue, no attempt used.
+            log.info("%s; waiting %.1fs", exc, exc.retry_after)
+            return await self._retry(delivery, job, exc, exc.retry_after, count=False)
+        except BudgetExceeded as exc:
+            return await self._give_up(delivery, job, str(exc), OVER_BUDGET, status="over_budget")
         except ProviderError as exc:
             return await self._failed(delivery, job, exc)
         except PublishFailed as exc:  # a streamed chunk could not be published
@@ -405,7 +473,19 @@ class Worker:
             if self.conversations is not None:
                 await self.conversations.remember(job, result)
             self._finished(job, delivery, result)
+            if self.governance is not None:
+                await self.governance.finished(job, lane.name, result)
         return outcome
+
+    async def _produce(self, job: Job, attempt: int) -> Result:
+        """The answer to a job: a task, or a conversation (history and passages fitted)."""
+        if job.kind != "chat":
+            result = await self._run_task(job)
+        else:
+            result = await self._converse(job, attempt)
+        if job.format is not None:
+            result = await self._as_json(job, result, attempt)
+        return result
 
     async def _converse(self, job: Job, attempt: int) -> Result:
         """A chat job: its conversation (history, passages) fitted, then one LLM attempt."""
@@ -473,7 +553,7 @@ class Worker:
     async def _failed(self, delivery: Delivery, job: Job, exc: ProviderError) -> str:
         """A failed attempt: back through a delay queue, or dead-lettered with an error reply."""
         attempts = delivery.attempt + 1
-        policy = self.config.retry
+        policy = self._lane(delivery).retry
         if isinstance(exc, CircuitOpen) and self._may_wait_for_breakers(delivery):
             # No provider was asked: wait for a breaker to let a call through again,
             # without spending an attempt (the trial call, not this job, tests the provider).
@@ -498,7 +578,13 @@ class Worker:
         return first is None or time.time() - first < self.config.breaker_patience
 
     async def _retry(
-        self, delivery: Delivery, job: Job, exc: ProviderError, delay: float, *, count: bool = True
+        self,
+        delivery: Delivery,
+        job: Job,
+        exc: ChatProcessorError,
+        delay: float,
+        *,
+        count: bool = True,
     ) -> str:
         try:
             await delivery.retry(delay, str(exc), count=count)
@@ -524,6 +610,8 @@ class Worker:
         await self._send_error_reply(job, error)
         await self._dead_letter(delivery, reason, kind)
         self._finished(job, delivery, error)
+        if self.governance is not None:
+            await self.governance.failed(job, self._lane(delivery).name, error, kind)
         return "dead_lettered"
 
     async def _reject(self, delivery: Delivery, reason: str, *, kind: str = REJECTED) -> str:
@@ -647,6 +735,8 @@ class Worker:
         try:
             async with asyncio.timeout(timeout):
                 work = self._generate(request, state, send)
+                if self.gate is not None:
+                    work = self._gated(work, job)
                 if scope is None:
                     await work
                 elif await until_cancelled(work, scope.event):
@@ -681,6 +771,24 @@ class Worker:
             time_to_first_token_ms=state.ms_to_first_token(),
             provider=state.provider,
         )
+
+    async def _gated(self, work: typing.Coroutine[Any, Any, None], job: Job) -> None:
+        """``work`` once the gate gives this job a model slot (highest priority first)."""
+        assert self.gate is not None
+        waited = time.perf_counter()
+        try:
+            async with self.gate.slot(job.priority or 0):
+                lane = str(job.meta.get("lane", "default"))
+                metrics.labelled(metrics.AI_QUEUE_WAIT, lane).observe(time.perf_counter() - waited)
+                await work
+        finally:
+            work.close()  # never started when cancelled while waiting: no "never awaited" warning
+
+    async def send_whole(self, job: Job, attempt: int, text: str) -> None:
+        """A streamed job answered without the model (a cache hit): its text as one piece."""
+        send = self._piece_sink(job, attempt, self.codec.emits_events and self.events is not None)
+        if send is not None and text:
+            await send(0, text)
 
     async def _generate(
         self, request: ChatRequest, state: Generation, send: PieceSink | None
@@ -767,6 +875,30 @@ class Worker:
                 await self.transport.publish(self.config.output_queue, message)
             except Unroutable as exc:  # not "requester gone": the shared queue is missing
                 raise PublishFailed(str(exc)) from exc
+
+
+@dataclass(slots=True)
+class _Calls:
+    """The model calls one job may make, for the governance step (features/governance.py)."""
+
+    worker: Worker
+    job: Job
+    attempt: int
+
+    @property
+    def streaming(self) -> bool:
+        return self.job.stream or (self.worker.codec.emits_events and self.worker.events is not None)
+
+    async def answer(self, job: Job) -> Result:
+        """``job``'s answer as the worker gives it without governance."""
+        return await self.worker._produce(job, self.attempt)
+
+    async def ask(self, job: Job, messages: list[ChatMessage]) -> Result:
+        """One model call with exactly ``messages`` (and ``job``'s model settings and format)."""
+        return await self.worker._answer(job, self.attempt, messages)
+
+    async def send_whole(self, text: str) -> None:
+        await self.worker.send_whole(self.job, self.attempt, text)
 
 
 def _outgoing(stored: StoredReply) -> Outgoing:

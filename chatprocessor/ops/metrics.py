@@ -102,3 +102,59 @@ JOB_METRICS_WRITES = Counter(
     "Job metrics records written to the database (DATABASE_URL), by outcome",
     ["outcome"],
 )
+
+
+# -- seed 004: the AI processing pipeline (tenants, lanes, costs, cache) ----------------------
+# Names follow seed 004's collector; tenant_id labels are bounded by the tenants a platform has.
+
+AI_PROCESSING_SECONDS = Histogram(
+    "ai_processing_duration_seconds",
+    "AI processing duration in seconds, by tenant, provider, model and job type",
+    ["tenant_id", "provider", "model", "type"],
+    buckets=(0.1, 0.5, 1, 2, 5, 10, 30),
+)
+#: token_type: input or output.
+AI_TOKENS = Counter(
+    "ai_tokens_used", "Tokens used", ["tenant_id", "provider", "model", "token_type"]
+)
+#: A counter, not the seed's gauge: a gauge set to the last job's cost cannot be summed.
+AI_COST = Counter(
+    "ai_cost", "Cost of the jobs, priced from MODEL_PRICES", ["tenant_id", "provider", "model",
+    "currency"]
+)
+#: error_type: rate_limited, over_budget, timeout, provider, invalid_output, rejected, ...
+AI_ERRORS = Counter(
+    "ai_processing_errors", "AI processing errors", ["tenant_id", "provider", "error_type"]
+)
+AI_CACHE_HITS = Counter("ai_cache_hits", "Response cache hits", ["tenant_id"])
+AI_CACHE_MISSES = Counter("ai_cache_misses", "Response cache misses", ["tenant_id"])
+#: priority: the lane (high, standard, batch).
+AI_QUEUE_DEPTH = Gauge("ai_queue_depth", "Jobs waiting in a lane's queue", ["queue_name", "priority"])
+AI_QUEUE_WAIT = Histogram(
+    "ai_model_wait_seconds",
+    "Time a job waited for a model slot (MODEL_CONCURRENCY), by lane",
+    ["lane"],
+    buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+AI_RATE_LIMITED = Counter(
+    "ai_rate_limited", "Jobs delayed by their tenant's requests-per-minute limit", ["tenant_id"]
+)
+#: period: daily or monthly.
+AI_BUDGET_REFUSED = Counter(
+    "ai_budget_refused", "Jobs refused because their tenant is over budget", ["tenant_id", "period"]
+)
+#: level: warning (80 %) or critical (95 %).
+AI_BUDGET_ALERTS = Counter(
+    "ai_budget_alerts", "Budget alerts raised", ["tenant_id", "period", "level"]
+)
+AI_BUDGET_USED = Gauge(
+    "ai_budget_used_ratio", "Share of the tenant's budget spent (1 = all of it)",
+    ["tenant_id", "period"],
+)
+AI_CONTENT_FILTERED = Counter(
+    "ai_content_filtered", "Answers changed by a tenant's content filters", ["tenant_id"]
+)
+#: Outcomes: written, failed (write attempts that errored), dropped (records given up).
+AI_USAGE_WRITES = Counter(
+    "ai_usage_ledger_writes", "Usage ledger rows (ai_usage_logs), by outcome", ["outcome"]
+)

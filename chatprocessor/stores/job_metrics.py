@@ -64,6 +64,7 @@ STATUSES = (
     "failed",
     "forbidden",
     "rejected",
+    "over_budget",
 )
 #: A job in one of these may still change; the others are final.
 ACTIVE_STATUSES = ("queued", "running")

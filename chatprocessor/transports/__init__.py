@@ -19,6 +19,10 @@ def build_transport(settings: Settings) -> Transport:
             settings.rabbitmq_url,
             safe_url=settings.rabbitmq_safe_url,
             retry_tiers=RetryPolicy.from_settings(settings).tiers(),
+            # The pipeline's lanes take priorities 1-10 (seed 004's AIJob.priority).
+            priority_queues={queue: 10 for queue in settings.lanes.values()}
+            if settings.uses_pipeline_contract
+            else None,
         )
     if settings.transport == "tasks":
         from chatprocessor.oauth import client_credentials, token_url

@@ -51,6 +51,7 @@ FAILED = "failed"  # a permanent error while processing (e.g. the provider refus
 RETRIES_EXHAUSTED = "retries_exhausted"
 REPLY_REFUSED = "reply_refused"  # the broker would not take the reply
 INTERNAL_ERROR = "internal_error"
+OVER_BUDGET = "over_budget"  # the tenant spent its daily or monthly budget (seed 004)
 
 
 @dataclass(slots=True)
@@ -64,6 +65,8 @@ class Outgoing:
     type: str | None = None
     headers: dict[str, Any] = field(default_factory=dict)
     content_type: str | None = None
+    #: 0-10, higher first, on queues declared with priorities (RabbitMQ ``x-max-priority``).
+    priority: int | None = None
 
 
 def dead_letter_name(queue: str) -> str:

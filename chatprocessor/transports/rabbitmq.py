@@ -117,6 +117,7 @@ def copy_of(message: AbstractIncomingMessage, headers: dict[str, Any]) -> Outgoi
         type=message.type,
         headers=encodable(headers),
         content_type=message.content_type,
+        priority=message.priority,  # a retried job keeps its place in line
     )
 
 
@@ -206,8 +207,11 @@ class RabbitMQTransport:
         safe_url: str | None = None,
         connection_name: str | None = None,
         retry_tiers: list[float] | None = None,
+        priority_queues: dict[str, int] | None = None,
     ) -> None:
         self._url = url
+        #: Input queues declared with ``x-max-priority`` (the pipeline's lanes): name -> maximum.
+        self.priority_queues = dict(priority_queues or {})
         self.retry_tiers = sorted(retry_tiers or [1.0])
         self._safe_url = safe_url or "the broker"
         # Shown in the management UI and rabbitmqctl list_connections.
@@ -267,7 +271,17 @@ class RabbitMQTransport:
             try:
                 await channels[0].declare_queue(queue, durable=True, arguments=arguments)
             except aiormq.exceptions.ChannelPreconditionFailed as exc:
-                if arguments:  # one of our delay queues, changed by hand: it may never deliver
+                if arguments and "x-max-priority" in arguments:
+                    log.warning(
+                        "queue %r exists without priorities (x-max-priority %s), so jobs in it "
+                        "are taken in arrival order; lanes still keep a batch flood from high "
+                        "jobs. A policy cannot add priorities: to have them, delete the queue "
+                        "(rabbitmqctl delete_queue %s) while it is empty and restart the worker",
+                        queue,
+                        arguments["x-max-priority"],
+                        queue,
+                    )
+                elif arguments:  # one of our delay queues, changed by hand: it may never deliver
                     log.error(
                         "delay queue %r exists with other arguments than chatprocessor's %s, so "
                         "retries through it may not come back; delete it (rabbitmqctl "
@@ -289,7 +303,8 @@ class RabbitMQTransport:
 
     async def declare_input(self, queue: str) -> None:
         """The input, its dead-letter queue and its delay queues (one per retry tier)."""
-        await self.declare(queue)
+        top = self.priority_queues.get(queue)
+        await self.declare(queue, arguments={"x-max-priority": top} if top else None)
         await self.declare(dead_letter_name(queue))
         for tier in self.retry_tiers:
             await self._declare_tier(queue, tier)
@@ -350,6 +365,18 @@ class RabbitMQTransport:
         if reopen_callbacks is not None:
             reopen_callbacks.add(lambda *_: spawn(hook()))
 
+    async def depth(self, queue: str) -> int:
+        """Messages ready in ``queue`` (not counting those delivered and unacked)."""
+        channel = await self.connection.channel()
+        try:
+            declared = await channel.declare_queue(queue, passive=True)
+            return int(declared.declaration_result.message_count or 0)
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            raise TransportError(f"queue {queue!r} does not exist") from exc
+        finally:
+            with contextlib.suppress(*_CONNECTION_ERRORS, aiormq.exceptions.ChannelClosed):
+                await channel.close()
+
     async def publish(self, destination: str, message: Outgoing) -> None:
         if self._publish_exchange is None:
             raise BrokerUnavailable("not connected to RabbitMQ")
@@ -362,6 +389,7 @@ class RabbitMQTransport:
             type=message.type,
             headers=message.headers or None,
             content_type=message.content_type or "application/json",
+            priority=message.priority,
         )
         try:
             await self._publish_exchange.publish(amqp_message, destination, mandatory=True)

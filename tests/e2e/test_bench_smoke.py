@@ -22,6 +22,7 @@ SCENARIOS = [
     pytest.param("embedded", marks=[pytest.mark.rabbitmq, pytest.mark.embedded]),
     pytest.param("memory", marks=pytest.mark.rabbitmq),
     pytest.param("scale", marks=pytest.mark.rabbitmq),
+    pytest.param("lanes", marks=pytest.mark.rabbitmq),
 ]
 
 
