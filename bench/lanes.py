@@ -219,9 +219,7 @@ async def paced(
             await asyncio.sleep(delay)
         body = [(job_id, job_body(job_id, "chat_response", HIGH_PRIORITY))]
         tasks.append(
-            asyncio.create_task(
-                publish(broker, queue, body, reply_to=reply_to, priority=priority)
-            )
+            asyncio.create_task(publish(broker, queue, body, reply_to=reply_to, priority=priority))
         )
     for done in await asyncio.gather(*tasks):
         sent.update(done)
@@ -283,6 +281,7 @@ async def run_case(
     try:
         async with run_in_process_worker(env) as worker:
             await wait_lanes(broker, queues, worker)
+            await fake.reset()  # idle now: no call in flight to miscount
             if flood:
                 bodies = (
                     (job_id, job_body(job_id, "batch_processing", BATCH_PRIORITY))
@@ -298,7 +297,7 @@ async def run_case(
                 )
                 # The flood is under way: the model is busy with batch work.
                 await asyncio.wait_for(replies.first_batch.wait(), 60)
-            await fake.reset()
+            calls_before = (await fake.stats()).chat_requests
             batch_before = len(replies.batch_arrivals)
             started = time.perf_counter()
             sent = await paced(
@@ -325,14 +324,16 @@ async def run_case(
         await delete_queues(broker, queues)
     failed = {key: why for key, why in replies.failed.items() if key in replies.high}
     if failed:
-        raise RuntimeError(f"{label}: {len(failed)} high jobs failed, e.g. {next(iter(failed.items()))}")
+        raise RuntimeError(
+            f"{label}: {len(failed)} high jobs failed, e.g. {next(iter(failed.items()))}"
+        )
     return Case(
         label,
         [replies.arrived[key] - sent[key] for key in high_ids],
         flood=flood,
         batch_answered=batch_answered,
         seconds=seconds,
-        llm_calls=stats.chat_requests,
+        llm_calls=stats.chat_requests - calls_before,
         max_in_flight=stats.max_in_flight,
     )
 
@@ -418,8 +419,8 @@ async def run(options: Options) -> Outcome:
             "p95 x baseline",
             "batch answered",
             "batch jobs/s",
-            "LLM calls",
-            "max at model",
+            "LLM calls meanwhile",
+            "max calls at once",
         ],
     )
     for case in cases:
@@ -446,7 +447,7 @@ async def run(options: Options) -> Outcome:
     outcome.notes.append(
         f"batch lane during the flood: {flooded.batch_answered} jobs answered in "
         f"{flooded.seconds:.1f} s ({flooded.batch_rate:.1f} jobs/s; the model alone does "
-        f"{1 / latency:.0f}/s, the high jobs take {high / flooded.seconds if flooded.seconds else 0:.1f}/s of it)"
+        f"{1 / latency:.0f}/s, the high jobs take {rate(high, flooded.seconds):.1f}/s of it)"
     )
     outcome.charts.append(_chart(options.out / "lanes.png", cases, GOAL * baseline.p(95)))
     return outcome

@@ -13,6 +13,7 @@ import orjson
 
 from chatprocessor.contracts.base import Codec
 from chatprocessor.contracts.chat import ChatCodec
+from chatprocessor.core.errors import ConfigError
 from chatprocessor.core.priority import PriorityGate
 from chatprocessor.core.retry import RetryPolicy
 from chatprocessor.core.worker import Lane, Worker, WorkerConfig
@@ -28,13 +29,13 @@ from chatprocessor.transports.base import Outgoing
 if TYPE_CHECKING:
     from chatprocessor.events.sink import EventSink
     from chatprocessor.features.budget import BudgetGuard
-    from chatprocessor.stores.usage_ledger import UsageLedger
-    from chatprocessor.transports.base import Transport
     from chatprocessor.features.conversation import Conversations
     from chatprocessor.features.governance import Governance
     from chatprocessor.features.history import HistoryStore
     from chatprocessor.providers.base import Provider
     from chatprocessor.stores.job_metrics import JobMetrics
+    from chatprocessor.stores.usage_ledger import UsageLedger
+    from chatprocessor.transports.base import Transport
 
 log = logging.getLogger(__name__)
 
@@ -207,11 +208,14 @@ def build_governance(
     if settings.uses_content_filters:
         from chatprocessor.features.content_filter import TenantFilters
 
-        governance.filters = TenantFilters(
-            {tenant: policy.content_filters for tenant, policy in settings.tenants.items()},
-            default=settings.content_filters,
-            replacement=settings.content_filter_replacement,
-        )
+        try:
+            governance.filters = TenantFilters(
+                {tenant: policy.content_filters for tenant, policy in settings.tenants.items()},
+                default=settings.content_filters,
+                replacement=settings.content_filter_replacement,
+            )
+        except ValueError as exc:  # e.g. a pattern that matches the empty string
+            raise ConfigError(f"invalid configuration: CONTENT_FILTERS / TENANTS: {exc}") from exc
     return governance
 
 
@@ -235,11 +239,10 @@ def build_budget(settings: Settings, transport: Transport) -> BudgetGuard:
         SpendStore,
     )
 
-    store: SpendStore
-    if settings.redis_url:
-        store = RedisSpendStore(settings.redis_url)
-    else:
-        store = MemorySpendStore()  # Governance.start seeds it from the ledger
+    # Without Redis, Governance.start seeds the in-process store from the ledger.
+    store: SpendStore = (
+        RedisSpendStore(settings.redis_url) if settings.redis_url else MemorySpendStore()
+    )
 
     def budget_of(tenant: str) -> Budget:
         policy = settings.tenant_policy(tenant)
@@ -258,9 +261,7 @@ def build_budget(settings: Settings, transport: Transport) -> BudgetGuard:
             ),
         )
 
-    return BudgetGuard(
-        store, budget_of, on_alert=publish_alert, currency=settings.cost_currency
-    )
+    return BudgetGuard(store, budget_of, on_alert=publish_alert, currency=settings.cost_currency)
 
 
 def build_conversations(settings: Settings, provider: Provider) -> Conversations:

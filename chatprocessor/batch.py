@@ -43,6 +43,7 @@ from chatprocessor.core.errors import (
     BrokerUnavailable,
     ChatProcessorError,
     ConfigError,
+    MalformedMessage,
     Unroutable,
 )
 from chatprocessor.transports.base import Outgoing, ReplyQueue, Transport
@@ -438,7 +439,8 @@ class ResultsFile:
         try:
             rows.extend(reader)
         except csv.Error:
-            if reader.line_num < text.count("\n") + 1:  # not at the end: not a crash
+            lines = text.count("\n") + (0 if text.endswith("\n") else 1)
+            if reader.line_num < lines:  # not at the end: not a crash
                 raise self._refuse(f"is not a results file (line {reader.line_num})") from None
         else:
             if not text.endswith("\n") and rows:
@@ -614,7 +616,7 @@ class QueueSubmitter:
         self._replies = replies
         self._wait_until = time.monotonic() + wait_for_queue
         self._pending: dict[str, asyncio.Future[bytes]] = {}
-        self._closed: BaseException | None = None
+        self._closed: str | None = None
         self._reader = asyncio.create_task(self._read(), name=f"batch-replies-{replies.name}")
 
     @classmethod
@@ -625,28 +627,26 @@ class QueueSubmitter:
         return cls(transport, queue, await transport.open_reply_queue(), wait_for_queue=wait_for_queue)
 
     async def _read(self) -> None:
-        why: BaseException = BrokerUnavailable("the reply queue closed")
+        why = "the reply queue closed"
         try:
             async for message in self._replies.messages():
                 waiting = self._pending.get(message.correlation_id or "")
                 if waiting is not None and not waiting.done():
                     waiting.set_result(message.body)
         except asyncio.CancelledError:
-            why = BrokerUnavailable("the batch was closed")
+            why = "the batch was closed"
             raise
-        except ChatProcessorError as exc:
-            why = exc
         except Exception as exc:  # the broker library's own errors: the connection is gone
-            why = BrokerUnavailable(f"reading replies failed: {exc}")
+            why = f"reading replies failed: {exc}"
         finally:
             self._closed = why
             for waiting in self._pending.values():
                 if not waiting.done():
-                    waiting.set_exception(why)
+                    waiting.set_exception(BrokerUnavailable(why))
 
     async def submit(self, job: dict[str, Any], timeout: float) -> dict[str, Any]:
         if self._closed is not None:
-            raise self._closed
+            raise BrokerUnavailable(self._closed)
         job_id = str(job["id"])
         answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._pending[job_id] = answer
@@ -667,9 +667,9 @@ class QueueSubmitter:
         try:
             response = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
-            raise MalformedAnswer(f"the answer is not JSON: {exc}") from exc
+            raise MalformedMessage(f"the answer is not JSON: {exc}") from exc
         if not isinstance(response, dict):
-            raise MalformedAnswer("the answer is not a JSON object")
+            raise MalformedMessage("the answer is not a JSON object")
         return response
 
     async def _publish(self, message: Outgoing) -> None:
@@ -691,10 +691,6 @@ class QueueSubmitter:
         with contextlib.suppress(asyncio.CancelledError):
             await self._reader
         await self._replies.close()
-
-
-class MalformedAnswer(ChatProcessorError):
-    """A reply on the reply queue that is not an AIResponse: that row fails."""
 
 
 # -- running -------------------------------------------------------------------------------------
@@ -750,6 +746,28 @@ class _Progress:
             )
 
 
+def prepare(
+    path: Path,
+    *,
+    mapping: str,
+    job_type: str,
+    tenant: str,
+    priority: int,
+    results: Path,
+    report: Path,
+    restart: bool,
+) -> tuple[BatchPlan, ResultsFile, dict[int, Record]]:
+    """Every check made before sending: the CSV, the mapping, the options, the results file
+    (ConfigError when it belongs to another batch). Returns the plan, the results file and
+    the rows it already holds (none with ``restart``)."""
+    csv_file = path.resolve()
+    if results.resolve() == csv_file or report.resolve() in (csv_file, results.resolve()):
+        raise ConfigError("--results and --report must be different files from the CSV")
+    plan = plan_batch(path, mapping=mapping, job_type=job_type, tenant=tenant, priority=priority)
+    store = ResultsFile(results, plan.batch_id)
+    return plan, store, {} if restart else store.load()
+
+
 async def run_batch(
     path: Path,
     *,
@@ -778,12 +796,16 @@ async def run_batch(
         raise ConfigError(f"--concurrency must be at least 1 (got {concurrency})")
     if not timeout > 0:
         raise ConfigError(f"--timeout must be above 0 (got {timeout})")
-    inputs = {path.resolve()}
-    if results.resolve() in inputs or report.resolve() in inputs | {results.resolve()}:
-        raise ConfigError("--results and --report must be different files from the CSV")
-    plan = plan_batch(path, mapping=mapping, job_type=job_type, tenant=tenant, priority=priority)
-    store = ResultsFile(results, plan.batch_id)
-    records = {} if restart else store.load()
+    plan, store, records = prepare(
+        path,
+        mapping=mapping,
+        job_type=job_type,
+        tenant=tenant,
+        priority=priority,
+        results=results,
+        report=report,
+        restart=restart,
+    )
     todo = [
         (row, job, error)
         for row, job, error in plan.rows

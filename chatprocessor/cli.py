@@ -99,6 +99,8 @@ def run() -> None:
 
     try:
         _run(main())
+    except ConfigError as exc:  # found while building the service (e.g. a content filter)
+        _fail(exc, 2)
     except ChatProcessorError as exc:
         _fail(exc, 1)
 

@@ -112,7 +112,7 @@ def batch(
     same command finishes the rest. Exit status: 0 every row completed, 1 some failed or the
     broker failed, 2 bad usage, 130 interrupted (Ctrl-C, SIGTERM).
     """
-    from chatprocessor.batch import default_paths, plan_batch
+    from chatprocessor.batch import default_paths, prepare
     from chatprocessor.cli import _fail, _run, _settings
 
     settings = _settings()
@@ -126,8 +126,17 @@ def batch(
     default_results, default_report = default_paths(file)
     results_path = results or default_results
     report_path = report or default_report
-    try:  # fail on a bad mapping or file before connecting to anything
-        plan_batch(file, mapping=mapping, job_type=job_type, tenant=who, priority=priority)
+    try:  # a bad file, mapping or results file fails before connecting to anything
+        prepare(
+            file,
+            mapping=mapping,
+            job_type=job_type,
+            tenant=who,
+            priority=priority,
+            results=results_path,
+            report=report_path,
+            restart=restart,
+        )
     except ConfigError as exc:
         _fail(exc, 2)
     show_progress = not quiet and sys.stderr.isatty()
@@ -245,7 +254,10 @@ def _print_report(report: BatchReport) -> None:
         "rows", "processed", "failed", "skipped", "tokens in", "tokens out", "cost", "seconds",
         "rows/s",
     )
-    table.title = f"batch {report.batch_id}: {escape(report.file)} ({report.type}, tenant {escape(report.tenant)})"
+    table.title = (
+        f"batch {report.batch_id}: {escape(report.file)} "
+        f"({report.type}, tenant {escape(report.tenant)})"
+    )
     table.add_row(
         str(report.rows),
         f"[green]{report.processed}[/]",

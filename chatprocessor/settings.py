@@ -149,7 +149,7 @@ class Settings(BaseSettings):
     lane_standard_queue: str = Field("ai-standard", min_length=1)
     lane_batch_queue: str = Field("ai-batch", min_length=1)
     high_priority_min: int = Field(8, ge=1, le=10)
-    #: Jobs of a lane taken at once (the batch lane's few slots keep a flood from filling the worker).
+    #: Jobs of a lane taken at once (the batch lane's one slot keeps a flood out of the worker).
     lane_high_prefetch: int = Field(4, ge=1, le=1000)
     lane_standard_prefetch: int = Field(2, ge=1, le=1000)
     lane_batch_prefetch: int = Field(1, ge=1, le=1000)
@@ -562,7 +562,9 @@ class Settings(BaseSettings):
                 "CONTRACT=pipeline needs TRANSPORT=rabbitmq or local (its lanes are queues)"
             )
         if self.uses_pipeline_contract and len(set(self.lanes.values())) < 3:
-            raise ValueError("LANE_HIGH_QUEUE, LANE_STANDARD_QUEUE and LANE_BATCH_QUEUE must differ")
+            raise ValueError(
+                "LANE_HIGH_QUEUE, LANE_STANDARD_QUEUE and LANE_BATCH_QUEUE must differ"
+            )
         if self.uses_stream_contract and self.transport in ("tasks",):
             raise ValueError("CONTRACT=stream needs TRANSPORT=kafka, rabbitmq, redis or local")
         if (

@@ -38,7 +38,9 @@ from chatprocessor.core.job import ChatMessage, Job, Result
 
 MAX_ID_LENGTH = 200
 DEFAULT_PRIORITY = 5
-JobType = Literal["chat_response", "sentiment_analysis", "intent_classification", "batch_processing"]
+JobType = Literal[
+    "chat_response", "sentiment_analysis", "intent_classification", "batch_processing"
+]
 JOB_TYPES: Final[tuple[str, ...]] = get_args(JobType)
 BATCH = "batch_processing"
 #: The seed's three queues: real-time chat, normal processing, CSV imports.
@@ -136,7 +138,9 @@ class AIJobMessage(BaseModel):
     conversation_id: StrictInt | Id = Field(validation_alias=seed_case("conversation_id"))
     message_id: Id = Field(validation_alias=seed_case("message_id"))
     job_type: JobType = Field(validation_alias=seed_case("type"))
-    priority: StrictInt = Field(DEFAULT_PRIORITY, ge=1, le=10, validation_alias=seed_case("priority"))
+    priority: StrictInt = Field(
+        DEFAULT_PRIORITY, ge=1, le=10, validation_alias=seed_case("priority")
+    )
     payload: AIJobPayload = Field(validation_alias=seed_case("payload"))
     metadata: AIJobMetadata | None = Field(None, validation_alias=seed_case("metadata"))
 

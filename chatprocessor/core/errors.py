@@ -20,7 +20,7 @@ dead-letter from the class alone::
     │   ├── BadRequest               permanent: the provider refused the request
     │   │   └── ModelNotFound        the model is not installed on the provider
     │   └── InvalidModelOutput       permanent: no valid JSON in the answer, even after a repair
-    ├── TenantLimit                  the tenant's own limits (seed 004), checked before any model call
+    ├── TenantLimit                  a tenant's own limits (seed 004), before any model call
     │   ├── TenantRateLimited        transient: over its requests per minute; carries retry_after
     │   └── BudgetExceeded           permanent: over its daily or monthly budget
     ├── TransportError
@@ -133,7 +133,9 @@ class BudgetExceeded(TenantLimit):
     """The tenant spent its daily or monthly budget: the job is refused with an error reply
     and dead-lettered (replayable once the budget allows it)."""
 
-    def __init__(self, message: str, *, tenant: str, period: str, used: float, limit: float) -> None:
+    def __init__(
+        self, message: str, *, tenant: str, period: str, used: float, limit: float
+    ) -> None:
         super().__init__(message)
         self.tenant = tenant
         #: "daily" or "monthly".

@@ -68,8 +68,8 @@ from chatprocessor.transports.base import (
 )
 
 if TYPE_CHECKING:
-    from chatprocessor.events.cancel import CancelRegistry, CancelScope, CancelSource
     from chatprocessor.core.priority import PriorityGate
+    from chatprocessor.events.cancel import CancelRegistry, CancelScope, CancelSource
     from chatprocessor.events.sink import EventSink
     from chatprocessor.features.conversation import Conversations
     from chatprocessor.features.governance import Governance
@@ -448,10 +448,14 @@ class Worker:
         lane = self._lane(delivery)
         job.meta["lane"] = lane.name
         if lane.job_timeout < self.config.job_timeout:
-            job.meta["timeout"] = min(float(job.meta.get("timeout", lane.job_timeout)), lane.job_timeout)
+            job.meta["timeout"] = min(
+                float(job.meta.get("timeout", lane.job_timeout)), lane.job_timeout
+            )
         try:
             if self.governance is not None:
-                result = await self.governance.run(job, lane.name, _Calls(self, job, delivery.attempt))
+                result = await self.governance.run(
+                    job, lane.name, _Calls(self, job, delivery.attempt)
+                )
             else:
                 result = await self._produce(job, delivery.attempt)
         except Forbidden as exc:
@@ -887,7 +891,15 @@ class _Calls:
 
     @property
     def streaming(self) -> bool:
-        return self.job.stream or (self.worker.codec.emits_events and self.worker.events is not None)
+        return self.job.stream or (
+            self.worker.codec.emits_events and self.worker.events is not None
+        )
+
+    @property
+    def remembers(self) -> bool:
+        """The answer depends on stored history (which a cache key cannot see)."""
+        conversations = self.worker.conversations
+        return conversations is not None and conversations.history is not None
 
     async def answer(self, job: Job) -> Result:
         """``job``'s answer as the worker gives it without governance."""

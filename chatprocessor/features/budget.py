@@ -145,13 +145,16 @@ class MemorySpendStore:
             self._months[tenant] = (month, float(month_total))
 
     async def add(self, tenant: str, amount: float, now: datetime) -> tuple[float, float]:
-        day, month = await self.totals(tenant, now)
+        day, month = self._totals(tenant, now)
         day, month = day + amount, month + amount
         self._days[tenant] = (_day(now), day)
         self._months[tenant] = (_month(now), month)
         return day, month
 
     async def totals(self, tenant: str, now: datetime) -> tuple[float, float]:
+        return self._totals(tenant, now)
+
+    def _totals(self, tenant: str, now: datetime) -> tuple[float, float]:
         day_window, day = self._days.get(tenant, ("", 0.0))
         month_window, month = self._months.get(tenant, ("", 0.0))
         return (
@@ -251,7 +254,8 @@ class BudgetGuard:
     ) -> None:
         """``budget_of(tenant)`` is asked on each call (a changed budget applies at once);
         ``on_alert`` receives each alert raised (e.g. to publish :meth:`Alert.event`)."""
-        self._store = store
+        #: The spend store; public so start-up can swap in one seeded from the usage ledger.
+        self.store = store
         self._budget_of = budget_of
         self._on_alert = on_alert
         self._currency = currency
@@ -268,7 +272,7 @@ class BudgetGuard:
         budget = self._budget_of(tenant)
         if not budget.enabled:
             return
-        day, month = await self._store.totals(tenant, self._clock())
+        day, month = await self.store.totals(tenant, self._clock())
         estimate = max(0.0, estimate)
         for period, used, limit in _limited(budget, day, month):
             if used >= limit or used + estimate > limit:
@@ -290,7 +294,7 @@ class BudgetGuard:
         if amount <= 0:
             return []
         now = self._clock()
-        day, month = await self._store.add(tenant, amount, now)
+        day, month = await self.store.add(tenant, amount, now)
         alerts: list[Alert] = []
         for period, used, limit in _limited(self._budget_of(tenant), day, month):
             metrics.labelled(metrics.AI_BUDGET_USED, tenant, period).set(used / limit)
@@ -302,7 +306,7 @@ class BudgetGuard:
 
     async def close(self) -> None:
         """Close the store."""
-        await self._store.close()
+        await self.store.close()
 
     async def _crossed(
         self, tenant: str, period: str, used: float, limit: float, now: datetime
@@ -317,7 +321,7 @@ class BudgetGuard:
         if self._sent.get((tenant, period, top)) == window:
             return None
         try:
-            first = await self._store.first_alert(tenant, period, top, now)
+            first = await self.store.first_alert(tenant, period, top, now)
         except StoreUnavailable as exc:
             log.warning(
                 "budget: cannot check whether tenant %r's %s %s alert was sent (%s);"
@@ -334,7 +338,7 @@ class BudgetGuard:
         # A jump past several thresholds raises only the highest: the lower ones are spent.
         for level in lower:
             try:
-                await self._store.first_alert(tenant, period, level, now)
+                await self.store.first_alert(tenant, period, level, now)
             except StoreUnavailable as exc:
                 log.warning("budget: cannot mark the %s %s alert as sent (%s)", period, level, exc)
             else:

@@ -46,7 +46,8 @@ def cache_key(job: Job, *, default_model: str, context_messages: int = 3) -> str
 
     The content (prompt, and a digest of each attached image: a photo changes the
     answer), the model settings (model or ``default_model``, temperature, max_tokens,
-    ``meta["personality"]``, system prompt, kind, format, mode) and the last
+    ``meta["personality"]``, system prompt, kind, format, mode, and the classification
+    asked for: ``meta["classify"]`` and ``meta["intents"]``) and the last
     ``context_messages`` context messages as (role, first 100 characters). Encoded as
     JSON with sorted keys, so every process computes the same key (no ``hash()``).
     """
@@ -62,6 +63,8 @@ def cache_key(job: Job, *, default_model: str, context_messages: int = 3) -> str
         "kind": job.kind,
         "format": job.format,
         "mode": job.mode,
+        "classify": job.meta.get("classify"),
+        "intents": job.meta.get("intents"),
         "context": [[m.role, m.content[:CONTEXT_CHARS]] for m in recent],
     }
     # default=str: a personality of an unusual type still gives a key instead of failing.

@@ -73,10 +73,8 @@ def analysis_schema(intents: Sequence[str] = DEFAULT_INTENTS) -> dict[str, Any]:
 
 
 _TASKS = {
-    "sentiment": "Decide the sentiment of the message (the visitor's mood); "
-    "also give its intent.",
-    "intent": "Decide the intent of the message (what the visitor wants); "
-    "also give its sentiment.",
+    "sentiment": "Decide the sentiment of the message (the visitor's mood); also give its intent.",
+    "intent": "Decide the intent of the message (what the visitor wants); also give its sentiment.",
     "both": "Decide the sentiment (the visitor's mood) and the intent (what the visitor "
     "wants) of the message.",
 }
@@ -192,9 +190,7 @@ async def classify(
         return _tidy(await ask(conversation, schema), labels)
 
     raw = await ask(messages, schema)
-    value = await sanitize(
-        _tidy(raw, labels), schema=schema, repair=ask_again if repair else None
-    )
+    value = await sanitize(_tidy(raw, labels), schema=schema, repair=ask_again if repair else None)
     return {
         "sentiment": value["sentiment"],
         "intent": value["intent"],

@@ -96,12 +96,14 @@ class TenantFilters:
         self._default = ContentFilter(default, replacement=replacement)
         self._filters: dict[str, ContentFilter] = {}
         for tenant, patterns in patterns_by_tenant.items():
-            try:
-                own = ContentFilter(patterns, replacement=replacement)
-            except (TypeError, ValueError) as exc:
-                raise type(exc)(f"tenant {tenant!r}: {exc}") from exc
-            own.patterns += self._default.patterns
-            self._filters[tenant] = own
+            if isinstance(patterns, str):
+                raise TypeError(f"tenant {tenant!r}: patterns must be a list, not a string")
+            try:  # the default patterns are valid: the errors are the tenant's own
+                self._filters[tenant] = ContentFilter(
+                    [*patterns, *default], replacement=replacement
+                )
+            except ValueError as exc:
+                raise ValueError(f"tenant {tenant!r}: {exc}") from exc
 
     def for_tenant(self, tenant: str) -> ContentFilter:
         """The filter for ``tenant``: its own patterns and the default ones."""

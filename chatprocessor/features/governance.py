@@ -55,6 +55,11 @@ class ModelCalls(Protocol):
     @property
     def streaming(self) -> bool: ...
 
+    @property
+    def remembers(self) -> bool:
+        """The answer depends on stored conversation history."""
+        ...
+
     async def answer(self, job: Job) -> Result:
         """The job's answer, as the worker gives it without governance."""
         ...
@@ -117,7 +122,7 @@ class Governance:
         if self.budget is not None:
             estimate = float(job.meta.get("cost_estimate") or 0.0)
             await _unless_down(self.budget.check(job.tenant, estimate), "budget")
-        key = self._cache_key(job, calls.streaming)
+        key = None if calls.remembers else self._cache_key(job, calls.streaming)
         if key is not None:
             hit = await self._cached(job, key)
             if hit is not None:

@@ -45,7 +45,7 @@ DEFAULT_PRICES: dict[str, Price] = {
     "gpt-4o": Price(0.0025, 0.01),
     "gpt-4o-mini": Price(0.00015, 0.0006),
 }
-#: Providers that run on our own hardware: priced at LOCAL_COMPUTE_PRICE when the model has no entry.
+#: Providers on our own hardware: priced at LOCAL_COMPUTE_PRICE when the model has no entry.
 LOCAL_PROVIDERS = frozenset({"embedded", "ollama", "mock"})
 
 
@@ -53,7 +53,9 @@ class PriceTable:
     """Prices of models (``prices`` merged over :data:`DEFAULT_PRICES`); model names are
     matched without regard to case."""
 
-    def __init__(self, prices: Mapping[str, Price] | None = None, *, local_price: float = 0.0) -> None:
+    def __init__(
+        self, prices: Mapping[str, Price] | None = None, *, local_price: float = 0.0
+    ) -> None:
         if not math.isfinite(local_price) or local_price < 0:
             raise ValueError(f"local compute price must be a number >= 0, not {local_price!r}")
         merged = {**DEFAULT_PRICES, **(prices or {})}
@@ -109,7 +111,9 @@ class PriceTable:
             return self._local
         return None
 
-    def cost(self, provider: str | None, model: str, input_tokens: int, output_tokens: int) -> float:
+    def cost(
+        self, provider: str | None, model: str, input_tokens: int, output_tokens: int
+    ) -> float:
         """What the tokens cost; 0.0 for an unknown remote model (logged once per model)."""
         price = self.price(provider, model)
         if price is None:

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 from limits import RateLimitItem, RateLimitItemPerMinute
@@ -82,7 +82,12 @@ class TenantRateLimiter:
     async def close(self) -> None:
         """Release the store's connection (Redis); counts stay in the store."""
         storage, self._storage, self._limiter = self._storage, None, None
-        if isinstance(storage, RedisStorage):
+        if isinstance(storage, MemoryStorage):
+            # Its expiry sweep is a task of its own; do not leave it pending on the loop.
+            timer = getattr(storage, "timer", None)
+            if timer is not None:
+                timer.cancel()
+        elif isinstance(storage, RedisStorage):
             # limits has no close(): its redis-py bridge keeps the client as `storage`.
             client = getattr(storage.bridge, "storage", None)
             if client is not None:
@@ -99,13 +104,18 @@ class TenantRateLimiter:
     def _strategy(self) -> MovingWindowRateLimiter:
         if self._limiter is None:
             if self._redis_url:
-                # No socket_timeout (see stores.redis_client): calls are bounded in _guard.
+                # As stores.redis_client: no socket_timeout (redis-py's wait_for can swallow
+                # a cancellation on 3.11), calls are bounded in _guard instead.
+                options: dict[str, Any] = {
+                    "socket_connect_timeout": CALL_TIMEOUT,
+                    "socket_timeout": None,
+                    "client_name": "chatprocessor-tenant-rate",
+                }
                 self._storage = RedisStorage(
                     _async_uri(self._redis_url),
                     implementation="redispy",
                     wrap_exceptions=True,
-                    socket_connect_timeout=CALL_TIMEOUT,
-                    socket_timeout=None,
+                    **options,
                 )
             else:
                 self._storage = MemoryStorage()

@@ -119,8 +119,9 @@ AI_TOKENS = Counter(
 )
 #: A counter, not the seed's gauge: a gauge set to the last job's cost cannot be summed.
 AI_COST = Counter(
-    "ai_cost", "Cost of the jobs, priced from MODEL_PRICES", ["tenant_id", "provider", "model",
-    "currency"]
+    "ai_cost",
+    "Cost of the jobs, priced from MODEL_PRICES",
+    ["tenant_id", "provider", "model", "currency"],
 )
 #: error_type: rate_limited, over_budget, timeout, provider, invalid_output, rejected, ...
 AI_ERRORS = Counter(
@@ -129,7 +130,9 @@ AI_ERRORS = Counter(
 AI_CACHE_HITS = Counter("ai_cache_hits", "Response cache hits", ["tenant_id"])
 AI_CACHE_MISSES = Counter("ai_cache_misses", "Response cache misses", ["tenant_id"])
 #: priority: the lane (high, standard, batch).
-AI_QUEUE_DEPTH = Gauge("ai_queue_depth", "Jobs waiting in a lane's queue", ["queue_name", "priority"])
+AI_QUEUE_DEPTH = Gauge(
+    "ai_queue_depth", "Jobs waiting in a lane's queue", ["queue_name", "priority"]
+)
 AI_QUEUE_WAIT = Histogram(
     "ai_model_wait_seconds",
     "Time a job waited for a model slot (MODEL_CONCURRENCY), by lane",
@@ -148,7 +151,8 @@ AI_BUDGET_ALERTS = Counter(
     "ai_budget_alerts", "Budget alerts raised", ["tenant_id", "period", "level"]
 )
 AI_BUDGET_USED = Gauge(
-    "ai_budget_used_ratio", "Share of the tenant's budget spent (1 = all of it)",
+    "ai_budget_used_ratio",
+    "Share of the tenant's budget spent (1 = all of it)",
     ["tenant_id", "period"],
 )
 AI_CONTENT_FILTERED = Counter(

@@ -27,18 +27,14 @@ class QueueDepthPoller:
     ``lanes`` maps a lane (high, standard, batch) to its queue name.
     """
 
-    def __init__(
-        self, transport: Any, lanes: Mapping[str, str], *, interval: float = 15.0
-    ) -> None:
+    def __init__(self, transport: Any, lanes: Mapping[str, str], *, interval: float = 15.0) -> None:
         if interval <= 0:
             raise ValueError("interval must be positive")
         self.transport = transport
         self.lanes = dict(lanes)
         self.interval = interval
         depth = getattr(transport, "depth", None)
-        self._depth: Callable[[str], Awaitable[int]] | None = (
-            depth if callable(depth) else None
-        )
+        self._depth: Callable[[str], Awaitable[int]] | None = depth if callable(depth) else None
 
     @property
     def supported(self) -> bool:

@@ -168,6 +168,7 @@ class UsageLedger:
         self._enqueued = 0  # seq of the newest queued record
         self._done = 0  # every record up to this seq is written or dropped
         self._wake = asyncio.Event()
+        self._closing = asyncio.Event()  # close() does not wait for a batch to gather
         self._progress = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
         self._migrated = False
@@ -219,6 +220,7 @@ class UsageLedger:
         """Write what is queued (waiting at most ``timeout`` seconds), stop the writer and
         dispose the engine."""
         if self._task is not None:
+            self._closing.set()
             try:
                 await asyncio.wait_for(self.flush(), timeout)
             except TimeoutError:
@@ -330,8 +332,9 @@ class UsageLedger:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if self._batch_interval > 0:
-                await asyncio.sleep(self._batch_interval)  # let a batch gather
+            if self._batch_interval > 0 and not self._closing.is_set():
+                with contextlib.suppress(TimeoutError):  # let a batch gather
+                    await asyncio.wait_for(self._closing.wait(), self._batch_interval)
             while self._queue:
                 size = min(len(self._queue), MAX_BATCH)
                 batch = [self._queue.popleft() for _ in range(size)]

@@ -227,7 +227,9 @@ async def _alerts(settings: Settings) -> list[dict[str, Any]]:
         return found
 
 
-async def test_answers_classifies_prices_caches_and_records(database: str, tmp_path: Path) -> None:
+async def test_answers_classifies_prices_caches_and_records(  # noqa: PLR0915
+    database: str, tmp_path: Path
+) -> None:
     tag = uuid.uuid4().hex[:10]
     acme, globex = f"acme-{tag}", f"globex-{tag}"
     async with FakeOllama(models=["llama2"]) as fake:
@@ -297,7 +299,9 @@ async def test_answers_classifies_prices_caches_and_records(database: str, tmp_p
 
             # 4. A sentiment_analysis job on the standard lane: one JSON call is the answer.
             calls = len(chats(fake))
-            sentiment = await platform.answer(job(acme, "This is the worst", kind="sentiment_analysis"))
+            sentiment = await platform.answer(
+                job(acme, "This is the worst", kind="sentiment_analysis")
+            )
             assert sentiment["status"] == "completed"
             assert sentiment["sentiment"] == "negative"
             assert json.loads(sentiment["content"])["intent"] == "complaint"
@@ -362,13 +366,18 @@ async def test_budget_alerts_then_refusal_and_rate_limit(database: str, tmp_path
                 ("warning", "daily", tight),
                 ("critical", "daily", tight),
             ]
-            assert sample("ai_budget_alerts_total", tenant_id=tight, period="daily", level="critical") == 1
+            assert (
+                sample("ai_budget_alerts_total", tenant_id=tight, period="daily", level="critical")
+                == 1
+            )
 
             # The refused job is parked with its reason, replayable when the budget allows.
             connection = await aio_pika.connect(RABBITMQ_URL)
             async with connection:
                 channel = await connection.channel()
-                dlq = await channel.declare_queue(f"{settings.lane_standard_queue}.dlq", passive=True)
+                dlq = await channel.declare_queue(
+                    f"{settings.lane_standard_queue}.dlq", passive=True
+                )
                 parked = await dlq.get(no_ack=True)
                 assert parked.headers["x-dead-letter-reason"] == "over_budget"
 
@@ -400,7 +409,9 @@ async def test_high_priority_overtakes_a_batch_flood(database: str, tmp_path: Pa
             model_concurrency=1,
         )
         async with pipeline_service(settings), Platform(settings) as platform:
-            flood = [job(tenant, f"row {i}", kind="batch_processing", priority=3) for i in range(30)]
+            flood = [
+                job(tenant, f"row {i}", kind="batch_processing", priority=3) for i in range(30)
+            ]
             for request in flood:
                 await platform.send(request)
             await asyncio.sleep(0.1)  # the flood is being worked on

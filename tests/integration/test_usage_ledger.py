@@ -28,13 +28,8 @@ from chatprocessor.stores.database import (
     head_revision,
     migrate,
 )
-from chatprocessor.stores.usage_ledger import (
-    UsageLedger,
-    UsageRecord,
-    UsageRow,
-    ai_usage_logs,
-    metadata,
-)
+from chatprocessor.stores.job_metrics import metadata
+from chatprocessor.stores.usage_ledger import UsageLedger, UsageRecord, UsageRow, ai_usage_logs
 from tests.conftest import POSTGRES_URL
 
 pytestmark = pytest.mark.timeout(60)
@@ -191,6 +186,7 @@ async def test_a_record_is_written_with_every_field(
 async def test_a_job_recorded_twice_is_written_once(
     ledger: UsageLedger, make_engine: EngineFactory
 ) -> None:
+    failed, dropped = writes("failed"), writes("dropped")
     ledger.record(usage("dup", total_cost=1.0))
     ledger.record(usage("dup", total_cost=2.0))  # the same batch
     await ledger.flush()
@@ -199,6 +195,7 @@ async def test_a_job_recorded_twice_is_written_once(
     await ledger.flush()
 
     assert await count_rows(make_engine()) == 2
+    assert (writes("failed"), writes("dropped")) == (failed, dropped)  # skipped, not refused
     [row] = await ledger.report(tenant="acme", group_by=["model"], since=DAY1.date())
     assert row.requests == 2
     assert row.cost == pytest.approx(1.006)
@@ -244,7 +241,9 @@ async def seed(ledger: UsageLedger) -> None:
         )
     )
     ledger.record(usage("b1", tenant_id="beta", model="gpt-4", total_cost=1.0))
-    ledger.record(usage("old", tenant_id="beta", model="gpt-4", timestamp=DAY1 - timedelta(days=30)))
+    ledger.record(
+        usage("old", tenant_id="beta", model="gpt-4", timestamp=DAY1 - timedelta(days=30))
+    )
     await ledger.flush()
 
 
@@ -273,10 +272,16 @@ async def test_report_groups_by_tenant_model_and_day(ledger: UsageLedger) -> Non
     ("group_by", "expected"),
     [
         (["tenant"], [("acme", "", None, 3, 1, 210, 0.75), ("beta", "", None, 1, 0, 100, 1.0)]),
-        (["model"], [("", "gpt-4", None, 3, 1, 300, 1.5), ("", "gpt-4o-mini", None, 1, 0, 10, 0.25)]),
+        (
+            ["model"],
+            [("", "gpt-4", None, 3, 1, 300, 1.5), ("", "gpt-4o-mini", None, 1, 0, 10, 0.25)],
+        ),
         (
             ["day"],
-            [("", "", date(2025, 3, 10), 2, 0, 200, 1.5), ("", "", date(2025, 3, 11), 2, 1, 110, 0.25)],
+            [
+                ("", "", date(2025, 3, 10), 2, 0, 200, 1.5),
+                ("", "", date(2025, 3, 11), 2, 1, 110, 0.25),
+            ],
         ),
         (
             ["tenant", "model"],
@@ -338,13 +343,28 @@ async def test_report_refuses_unknown_groups(ledger: UsageLedger) -> None:
 async def test_spend_totals_split_today_from_the_month(ledger: UsageLedger) -> None:
     now = datetime(2025, 4, 15, 12, 0, tzinfo=UTC)
     ledger.record(usage("t1", tenant_id="acme", total_cost=1.0, timestamp=now - timedelta(hours=1)))
-    ledger.record(usage("t2", tenant_id="acme", total_cost=2.0, timestamp=datetime(2025, 4, 15, tzinfo=UTC)))
-    ledger.record(usage("e1", tenant_id="acme", total_cost=4.0, timestamp=datetime(2025, 4, 1, tzinfo=UTC)))
+    ledger.record(
+        usage("t2", tenant_id="acme", total_cost=2.0, timestamp=datetime(2025, 4, 15, tzinfo=UTC))
+    )
+    ledger.record(
+        usage("e1", tenant_id="acme", total_cost=4.0, timestamp=datetime(2025, 4, 1, tzinfo=UTC))
+    )
     ledger.record(usage("e2", tenant_id="acme", total_cost=8.0, timestamp=now - timedelta(days=1)))
-    ledger.record(usage("l1", tenant_id="acme", total_cost=16.0, timestamp=datetime(2025, 3, 31, 23, 59, tzinfo=UTC)))
-    ledger.record(usage("n1", tenant_id="acme", total_cost=32.0, timestamp=datetime(2025, 5, 1, tzinfo=UTC)))
+    ledger.record(
+        usage(
+            "l1",
+            tenant_id="acme",
+            total_cost=16.0,
+            timestamp=datetime(2025, 3, 31, 23, 59, tzinfo=UTC),
+        )
+    )
+    ledger.record(
+        usage("n1", tenant_id="acme", total_cost=32.0, timestamp=datetime(2025, 5, 1, tzinfo=UTC))
+    )
     ledger.record(usage("b1", tenant_id="beta", total_cost=0.5, timestamp=now - timedelta(days=3)))
-    ledger.record(usage("g1", tenant_id="gone", total_cost=9.0, timestamp=datetime(2025, 2, 1, tzinfo=UTC)))
+    ledger.record(
+        usage("g1", tenant_id="gone", total_cost=9.0, timestamp=datetime(2025, 2, 1, tzinfo=UTC))
+    )
     await ledger.flush()
 
     totals = await ledger.spend_totals(now)

@@ -173,9 +173,7 @@ async def test_alerts_at_80_then_95_once_each() -> None:
 
     g = guard({"acme": Budget(daily=100.0)}, on_alert=on_alert)
     warnings = sample("ai_budget_alerts_total", tenant_id="acme", period="daily", level="warning")
-    criticals = sample(
-        "ai_budget_alerts_total", tenant_id="acme", period="daily", level="critical"
-    )
+    criticals = sample("ai_budget_alerts_total", tenant_id="acme", period="daily", level="critical")
     assert await g.spend("acme", 79.0) == []
     alerts = await g.spend("acme", 1.0)  # 80 %
     assert levels(alerts) == [("daily", "warning")]
@@ -185,12 +183,14 @@ async def test_alerts_at_80_then_95_once_each() -> None:
     assert await g.spend("acme", 3.0) == []
     assert await g.spend("acme", 10.0) == []  # over 100 %: nothing new
     assert levels(received) == [("daily", "warning"), ("daily", "critical")]
-    assert sample(
-        "ai_budget_alerts_total", tenant_id="acme", period="daily", level="warning"
-    ) == warnings + 1
-    assert sample(
-        "ai_budget_alerts_total", tenant_id="acme", period="daily", level="critical"
-    ) == criticals + 1
+    assert (
+        sample("ai_budget_alerts_total", tenant_id="acme", period="daily", level="warning")
+        == warnings + 1
+    )
+    assert (
+        sample("ai_budget_alerts_total", tenant_id="acme", period="daily", level="critical")
+        == criticals + 1
+    )
 
 
 async def test_alert_fields_and_event() -> None:
@@ -251,7 +251,7 @@ async def test_a_new_day_resets_daily_totals_and_alerts() -> None:
     assert levels(await g.spend("acme", 3.0)) == [("daily", "warning")]
     assert levels(await g.spend("acme", 2.0)) == [("daily", "critical")]
     # the month kept counting: 20 of 100, no monthly alert
-    assert await g._store.totals("acme", clock.now) == (10.0, 20.0)
+    assert await g.store.totals("acme", clock.now) == (10.0, 20.0)
 
 
 async def test_a_new_month_resets_monthly_alerts() -> None:
@@ -280,7 +280,9 @@ async def test_alerts_are_logged_by_level(caplog: pytest.LogCaptureFixture) -> N
     with caplog.at_level(logging.WARNING, logger="chatprocessor.budget"):
         await g.spend("acme", 8.0)
         await g.spend("acme", 1.6)
-    records = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "chatprocessor.budget"]
+    records = [
+        (r.levelno, r.getMessage()) for r in caplog.records if r.name == "chatprocessor.budget"
+    ]
     assert records == [
         (
             logging.WARNING,

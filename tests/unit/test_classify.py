@@ -177,7 +177,7 @@ async def test_confidence_is_clamped_and_rounded(given: float, expected: float) 
 
 @pytest.mark.parametrize("confidence", ["NaN", "Infinity", '"high"', "true", "null"])
 async def test_a_confidence_that_is_not_a_number_is_repaired(confidence: str) -> None:
-    first = '{"sentiment": "neutral", "intent": "question", "confidence": %s}' % confidence
+    first = f'{{"sentiment": "neutral", "intent": "question", "confidence": {confidence}}}'
     ask = ScriptedAsk(first, json.dumps(GOOD))
     assert await classify(ask, "text") == EXPECTED
     assert len(ask.calls) == 2
@@ -193,7 +193,9 @@ async def test_labels_in_another_case_cost_no_repair() -> None:
 
 
 async def test_intents_are_restricted_to_the_given_list_plus_other() -> None:
-    ask = ScriptedAsk(json.dumps(dict(GOOD, intent="complaint")), json.dumps(dict(GOOD, intent="other")))
+    ask = ScriptedAsk(
+        json.dumps(dict(GOOD, intent="complaint")), json.dumps(dict(GOOD, intent="other"))
+    )
     result = await classify(ask, "text", intents=("billing", "refund"))
     assert result["intent"] == "other"
     assert len(ask.calls) == 2  # "complaint" is not allowed here: asked again
@@ -230,7 +232,7 @@ async def test_classify_through_an_ollama_provider_and_the_fake_server() -> None
         "confidence": 0.93,
         "suggestedActions": [],
     }
-    (request,) = fake.requests
+    (request,) = [r["body"] for r in fake.requests if r["path"] == "/api/chat"]
     assert request["format"] == analysis_schema()  # the schema went as structured output
     assert request["options"]["temperature"] == 0
     assert "I'd like to buy two more." in request["messages"][-1]["content"]

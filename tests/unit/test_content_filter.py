@@ -79,6 +79,8 @@ def test_a_pattern_matching_the_empty_string_is_refused(pattern: str) -> None:
 def test_a_bare_string_is_not_a_list_of_patterns() -> None:
     with pytest.raises(TypeError):
         ContentFilter("secret")
+    with pytest.raises(TypeError, match="tenant 'acme'"):
+        TenantFilters({"acme": "secret"})
 
 
 # --- TenantFilters ------------------------------------------------------------------------------

@@ -14,7 +14,9 @@ from prometheus_client import REGISTRY
 
 import chatprocessor.ops.metrics  # noqa: F401  (registers every metric)
 
-DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "chatprocessor-pipeline.json"
+DASHBOARD = (
+    Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "chatprocessor-pipeline.json"
+)
 #: Identifiers that look like a metric of ours: seed 004's ai_* or the worker's chatprocessor_*.
 METRIC_NAME = re.compile(r"\b(?:ai|chatprocessor)_[a-zA-Z0-9_]+")
 #: Metrics the dashboard must show (the issue's list), as PromQL names.
@@ -47,11 +49,12 @@ def exported_names() -> set[str]:
     ``<name>_bucket/_sum/_count`` for histograms, the name itself for gauges."""
     names: set[str] = set()
     for family in REGISTRY.collect():  # a family is listed even before its first sample
-        names.add(family.name)
         if family.type == "counter":
             names.add(f"{family.name}_total")
         elif family.type == "histogram":
             names.update(f"{family.name}_{suffix}" for suffix in ("bucket", "sum", "count"))
+        else:
+            names.add(family.name)
     return names
 
 
@@ -90,7 +93,7 @@ def test_every_panel_has_a_unique_id_and_a_place(dashboard: dict[str, Any]) -> N
     for panel in panels(dashboard):
         grid = panel["gridPos"]
         assert {"h", "w", "x", "y"} <= grid.keys(), panel["title"]
-        assert grid["w"] > 0 and grid["h"] > 0 and 0 <= grid["x"] and grid["x"] + grid["w"] <= 24
+        assert grid["w"] > 0 and grid["h"] > 0 and grid["x"] >= 0 and grid["x"] + grid["w"] <= 24
         if panel["type"] != "row":
             assert panel["type"] in ("timeseries", "stat"), panel["title"]
             assert panel["targets"], f"{panel['title']} has no query"

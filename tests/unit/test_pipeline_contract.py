@@ -533,7 +533,12 @@ def test_ai_job_round_trip(codec: PipelineCodec) -> None:
 
 def test_ai_job_minimal_has_no_optional_sections() -> None:
     data = ai_job(
-        id="j", tenant_id="t", conversation_id="c", message_id="m", type="chat_response", content="x"
+        id="j",
+        tenant_id="t",
+        conversation_id="c",
+        message_id="m",
+        type="chat_response",
+        content="x",
     )
     assert "context" not in data["payload"]
     assert data["metadata"] == {"retryCount": 0}

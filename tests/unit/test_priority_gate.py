@@ -26,7 +26,13 @@ async def test_waiters_are_served_by_priority_then_arrival() -> None:
     await asyncio.sleep(0)
     waiting = [
         asyncio.create_task(job(name, priority))
-        for name, priority in [("batch-1", 3), ("std", 5), ("high-1", 9), ("batch-2", 3), ("high-2", 9)]
+        for name, priority in [
+            ("batch-1", 3),
+            ("std", 5),
+            ("high-1", 9),
+            ("batch-2", 3),
+            ("high-2", 9),
+        ]
     ]
     await asyncio.sleep(0)
     assert gate.waiting == 5

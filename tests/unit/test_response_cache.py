@@ -101,6 +101,8 @@ def test_the_key_is_the_same_in_another_process() -> None:
         {"format": {"type": "object"}},
         {"mode": "rag"},
         {"images": ("aGVsbG8=",)},
+        {"meta": {"personality": "friendly", "classify": False}},
+        {"meta": {"personality": "friendly", "intents": ["billing", "other"]}},
     ],
     ids=lambda changes: ",".join(f"{k}={v!r}" for k, v in changes.items()),
 )
@@ -187,7 +189,7 @@ async def test_memory_hit_and_miss() -> None:
 
 async def test_memory_entries_are_copies() -> None:
     cache = MemoryResponseCache()
-    value = {"content": "a", "tags": ["x"]}
+    value: dict[str, Any] = {"content": "a", "tags": ["x"]}
     await cache.set("acme", "k", value, ttl=60)
     value["tags"].append("changed after set")
     got = await cache.get("acme", "k")
