@@ -63,7 +63,7 @@ from chatprocessor.settings import is_setting_variable
 ROOT = Path(__file__).resolve().parents[1]
 RABBITMQ_URL = os.environ.get("BENCH_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 #: Scenario names, in the order ``python -m bench all`` runs them.
-SCENARIOS = ("overhead", "saturation", "embedded", "memory", "scale", "lanes")
+SCENARIOS = ("overhead", "saturation", "embedded", "memory", "scale", "lanes", "mix")
 DEFAULT_OUT = ROOT / "bench" / "out"
 QUEUE_PREFIX = "bench."
 

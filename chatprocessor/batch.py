@@ -31,7 +31,7 @@ import io
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -248,9 +248,7 @@ class BatchPlan:
     rows: list[RowJob]
 
 
-def plan_batch(
-    path: Path, *, mapping: str, job_type: str, tenant: str, priority: int
-) -> BatchPlan:
+def plan_batch(path: Path, *, mapping: str, job_type: str, tenant: str, priority: int) -> BatchPlan:
     """Read ``path`` and build its jobs; ConfigError for anything wrong before sending."""
     if job_type not in JOB_TYPES:
         raise ConfigError(f"--type must be one of {', '.join(JOB_TYPES)} (got {job_type!r})")
@@ -568,7 +566,7 @@ def summarize(
         skipped=skipped,
         input_tokens=sum(_int(r.get("inputTokens")) or 0 for r in records.values()),
         output_tokens=sum(_int(r.get("outputTokens")) or 0 for r in records.values()),
-        cost=round(sum(_float(r.get("cost")) or 0.0 for r in records.values()), 10),
+        cost=round(sum((_float(r.get("cost")) or 0.0 for r in records.values()), 0.0), 10),
         currency=currency,
         seconds=round(seconds, 3),
         rows_per_second=round(done_now / seconds, 3) if seconds > 0 else 0.0,
@@ -624,7 +622,9 @@ class QueueSubmitter:
         cls, transport: Transport, queue: str, *, wait_for_queue: float = 0.0
     ) -> QueueSubmitter:
         """Open the reply queue on a connected ``transport`` and start reading it."""
-        return cls(transport, queue, await transport.open_reply_queue(), wait_for_queue=wait_for_queue)
+        return cls(
+            transport, queue, await transport.open_reply_queue(), wait_for_queue=wait_for_queue
+        )
 
     async def _read(self) -> None:
         why = "the reply queue closed"
@@ -816,58 +816,25 @@ async def run_batch(
     if records:
         log.info("batch %s: %d rows done in an earlier run", plan.batch_id, skipped)
 
-    failed = sum(1 for r in records.values() if r["status"] != COMPLETED)
-    cost = sum(_float(r.get("cost")) or 0.0 for r in records.values())
-    done_now = 0
-    pending = iter(todo)
+    tally = _Tally(records)
     started = time.monotonic()
     interrupted = True
-
-    async def answer(row: int, job: dict[str, Any]) -> Record:
-        job_id = str(job["id"])
-        try:
-            async with asyncio.timeout(timeout):
-                response = await submitter.submit(job, timeout)
-        except TimeoutError:
-            return failed_record(plan.batch_id, row, job_id, f"no answer within {timeout:g}s")
-        except FATAL_ERRORS:
-            raise
-        except ChatProcessorError as exc:
-            return failed_record(plan.batch_id, row, job_id, str(exc) or type(exc).__name__)
-        return result_record(plan.batch_id, row, job_id, response)
-
     try:
         with (
-            _Progress(
-                progress, total=len(plan.rows), done=skipped, currency=currency
-            ) as bar,
+            _Progress(progress, total=len(plan.rows), done=skipped, currency=currency) as bar,
             store.appender() as append,
         ):
 
-            async def work() -> None:
-                nonlocal failed, cost, done_now
-                for row, job, error in pending:  # shared: each row goes to one worker
-                    if job is None:
-                        record = failed_record(plan.batch_id, row, None, error or FAILED)
-                    else:
-                        record = await answer(row, job)
-                    previous = records.get(row)
-                    failed += (record["status"] != COMPLETED) - (
-                        previous is not None and previous["status"] != COMPLETED
-                    )
-                    cost += _float(record.get("cost")) or 0.0
-                    append(record)
-                    records[row] = record
-                    done_now += 1
-                    bar.update(failed=failed, cost=cost)
+            async def finish(row: int, job: dict[str, Any] | None, error: str | None) -> None:
+                if job is None:
+                    record = failed_record(plan.batch_id, row, None, error or FAILED)
+                else:
+                    record = await _answer(submitter, plan.batch_id, row, job, timeout)
+                append(record)
+                tally.add(record)
+                bar.update(failed=tally.failed, cost=tally.cost)
 
-            workers = [asyncio.create_task(work()) for _ in range(min(concurrency, len(todo)))]
-            try:
-                await asyncio.gather(*workers)
-            finally:
-                for worker in workers:
-                    worker.cancel()
-                await asyncio.gather(*workers, return_exceptions=True)
+            await _each(todo, concurrency, finish)
         interrupted = False
     finally:
         seconds = time.monotonic() - started
@@ -879,7 +846,7 @@ async def run_batch(
             plan,
             records,
             skipped=skipped,
-            done_now=done_now,
+            done_now=tally.done_now,
             seconds=seconds,
             results=results,
             currency=currency,
@@ -887,6 +854,62 @@ async def run_batch(
         )
         write_report(report, summary)
     return summary
+
+
+class _Tally:
+    """Every row's latest record, and the running numbers the progress bar shows."""
+
+    def __init__(self, records: dict[int, Record]) -> None:
+        self.records = records
+        self.failed = sum(1 for r in records.values() if r["status"] != COMPLETED)
+        self.cost = sum(_float(r.get("cost")) or 0.0 for r in records.values())
+        self.done_now = 0
+
+    def add(self, record: Record) -> None:
+        previous = self.records.get(record["row"])
+        if previous is not None and previous["status"] != COMPLETED:
+            self.failed -= 1  # retried
+        self.failed += record["status"] != COMPLETED
+        self.cost += _float(record.get("cost")) or 0.0
+        self.records[record["row"]] = record
+        self.done_now += 1
+
+
+async def _answer(
+    submitter: Submitter, batch: str, row: int, job: dict[str, Any], timeout: float
+) -> Record:
+    """The row's record: its answer, or why it has none (FATAL_ERRORS propagate)."""
+    job_id = str(job["id"])
+    try:
+        async with asyncio.timeout(timeout):
+            response = await submitter.submit(job, timeout)
+    except TimeoutError:
+        return failed_record(batch, row, job_id, f"no answer within {timeout:g}s")
+    except FATAL_ERRORS:
+        raise
+    except ChatProcessorError as exc:
+        return failed_record(batch, row, job_id, str(exc) or type(exc).__name__)
+    return result_record(batch, row, job_id, response)
+
+
+async def _each(
+    todo: list[RowJob], concurrency: int, finish: Callable[..., Awaitable[None]]
+) -> None:
+    """``finish(*entry)`` for every entry, ``concurrency`` at a time; the first error stops
+    (and cancels) the others."""
+    pending = iter(todo)
+
+    async def worker() -> None:
+        for entry in pending:  # shared: each entry goes to one worker
+            await finish(*entry)
+
+    workers = [asyncio.create_task(worker()) for _ in range(min(concurrency, len(todo)))]
+    try:
+        await asyncio.gather(*workers)
+    finally:
+        for task in workers:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
 
 
 def default_paths(path: Path) -> tuple[Path, Path]:

@@ -36,7 +36,7 @@ DIRECT_START_SECONDS = 60.0
 SHOWN_FAILURES = 10
 
 
-def batch(
+def batch(  # noqa: PLR0917 - typer maps each parameter to an option
     file: Annotated[
         Path,
         typer.Argument(
@@ -81,7 +81,7 @@ def batch(
             "--results",
             dir_okay=False,
             help="Per-row results: JSON Lines, or CSV when it ends in .csv "
-            "[default: FILE's stem + .results.jsonl, beside it].",
+            "(default: beside FILE, named FILE's stem + .results.jsonl).",
         ),
     ] = None,
     report: Annotated[
@@ -89,7 +89,7 @@ def batch(
         typer.Option(
             "--report",
             dir_okay=False,
-            help="The report JSON [default: FILE's stem + .report.json, beside it].",
+            help="The report JSON (default: beside FILE, named FILE's stem + .report.json).",
         ),
     ] = None,
     direct: Annotated[
@@ -250,25 +250,21 @@ async def _with_submitter(
 
 def _print_report(report: BatchReport) -> None:
     out = Console()
-    table = Table(
-        "rows", "processed", "failed", "skipped", "tokens in", "tokens out", "cost", "seconds",
-        "rows/s",
-    )
-    table.title = (
-        f"batch {report.batch_id}: {escape(report.file)} "
-        f"({report.type}, tenant {escape(report.tenant)})"
-    )
-    table.add_row(
-        str(report.rows),
-        f"[green]{report.processed}[/]",
-        f"[red]{report.failed}[/]" if report.failed else "0",
-        str(report.skipped),
-        str(report.input_tokens),
-        str(report.output_tokens),
-        f"{report.cost:.4f} {escape(report.currency)}",
-        f"{report.seconds:.1f}",
-        f"{report.rows_per_second:.2f}",
-    )
+    table = Table("", "", show_header=False)
+    table.title = f"batch {report.batch_id}: {escape(report.file)}"
+    done_before = f" ({report.skipped} done before)" if report.skipped else ""
+    for name, value in (
+        ("type", report.type),
+        ("tenant", escape(report.tenant)),
+        ("rows", str(report.rows)),
+        ("processed", f"[green]{report.processed}[/]{done_before}"),
+        ("failed", f"[red]{report.failed}[/]" if report.failed else "0"),
+        ("skipped", str(report.skipped)),
+        ("tokens", f"{report.input_tokens} in, {report.output_tokens} out"),
+        ("cost", f"{report.cost:.4f} {escape(report.currency)}"),
+        ("seconds", f"{report.seconds:.1f} ({report.rows_per_second:.2f} rows/s)"),
+    ):
+        table.add_row(name, value)
     out.print(table)
     for row, why in report.failures[:SHOWN_FAILURES]:
         out.print(f"[red]row {row} failed:[/] {escape(why)}", highlight=False)
@@ -288,10 +284,13 @@ def _print_stopped(report_path: Path, started: float, how: str) -> None:
         if report_path.stat().st_mtime < started - 1:  # an earlier run's: this one sent nothing
             raise FileNotFoundError(report_path)
         data = read_report(report_path)
-    except (OSError, ValueError):
-        err.print(f"[yellow]{how}[/]: nothing recorded yet", highlight=False)
+        done = int(data.get("processed", 0)) + int(data.get("failed", 0))
+    except (OSError, ValueError, TypeError):
+        done = 0
+    if not done:
+        if how == "interrupted":
+            err.print(f"[yellow]{how}[/]: no row finished", highlight=False)
         return
-    done = int(data.get("processed", 0)) + int(data.get("failed", 0))
     err.print(
         f"[yellow]{how}[/]: {done} of {data.get('rows')} rows done, saved in "
         f"{escape(str(data.get('results')))}; run the same command again to finish the rest",

@@ -102,7 +102,11 @@ class Governance:
 
         if self.budget is None or not isinstance(self.budget.store, MemorySpendStore):
             return
-        totals = await ledger.spend_totals(datetime.now(UTC))
+        try:
+            totals = await ledger.spend_totals(datetime.now(UTC))
+        except StoreUnavailable as exc:
+            log.warning("budgets: cannot read the spend from the usage ledger (%s); from 0", exc)
+            return
         self.budget.store = MemorySpendStore(initial=totals)
         log.info("budgets: spend of %d tenant(s) read from the usage ledger", len(totals))
 
@@ -162,7 +166,8 @@ class Governance:
             result.analysis = analysis
             result.text = orjson.dumps(analysis).decode()
             return result
-        chat_job = job if job.kind == "chat" else dataclasses.replace(job, kind="chat")
+        # The pipeline's chat types are conversations; other doors' kinds (tasks) stay theirs.
+        chat_job = dataclasses.replace(job, kind="chat") if job.kind in CHAT_TYPES else job
         result = await calls.answer(chat_job)
         if job.kind in CHAT_TYPES and result.status == "completed" and self._classifies(job):
             try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from alembic import context
 
+import chatprocessor.stores.usage_ledger  # noqa: F401  (adds ai_usage_logs to the metadata)
 from chatprocessor.stores.job_metrics import metadata
 
 connection = context.config.attributes.get("connection")

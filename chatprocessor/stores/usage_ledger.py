@@ -182,6 +182,7 @@ class UsageLedger:
         """
         if self._task is not None:
             return
+        self._closing.clear()
         try:
             await migrate(self._engine)
             self._migrated = True

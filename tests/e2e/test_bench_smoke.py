@@ -23,6 +23,7 @@ SCENARIOS = [
     pytest.param("memory", marks=pytest.mark.rabbitmq),
     pytest.param("scale", marks=pytest.mark.rabbitmq),
     pytest.param("lanes", marks=pytest.mark.rabbitmq),
+    pytest.param("mix", marks=[pytest.mark.rabbitmq, pytest.mark.redis, pytest.mark.postgres]),
 ]
 
 

@@ -111,7 +111,7 @@ async def test_migrate_is_idempotent_and_safe_when_workers_start_together(
     await asyncio.gather(migrate(first), migrate(second), migrate(make_engine()))
     await migrate(first)
 
-    assert await current_revision(second) == head_revision() == "0001"
+    assert await current_revision(second) == head_revision() == "0002"
     async with first.connect() as connection:
         tables = await connection.run_sync(lambda sync: set(inspect(sync).get_table_names()))
         versions = await connection.scalar(text("SELECT count(*) FROM alembic_version"))
@@ -120,7 +120,7 @@ async def test_migrate_is_idempotent_and_safe_when_workers_start_together(
                 text("SELECT count(*) FROM information_schema.tables WHERE table_schema = :schema"),
                 {"schema": make_engine.schema},
             )
-            assert in_schema == 3
+            assert in_schema == 4
     assert {"llm_jobs", "llm_messages", "alembic_version"} <= tables
     assert versions == 1
 
@@ -133,7 +133,7 @@ async def test_databases_migrated_at_once_by_one_process_all_end_up_current(
     engines = [create_engine(url) for url in urls]
     try:
         await asyncio.gather(*(migrate(engine) for engine in engines))
-        assert [await current_revision(engine) for engine in engines] == ["0001"] * 3
+        assert [await current_revision(engine) for engine in engines] == [head_revision()] * 3
     finally:
         for engine in engines:
             await engine.dispose()
@@ -415,9 +415,9 @@ def test_cli_upgrades_and_lists_jobs(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert "none" in result.output
     result = runner.invoke(app, ["db", "upgrade"])
     assert result.exit_code == 0, result.output
-    assert "0001" in result.output
+    assert head_revision() in result.output
     result = runner.invoke(app, ["db", "current"])
-    assert result.output.strip() == "0001 (head)"
+    assert result.output.strip() == f"{head_revision()} (head)"
 
     async def record() -> None:
         store = JobMetrics(create_engine(database_url(f"sqlite:///{db}", tmp_path)))

@@ -294,20 +294,22 @@ def test_rows_to_jobs_defaults() -> None:
 
 def test_rows_to_jobs_takes_mapped_columns_and_flags_rows_it_cannot_send() -> None:
     data = (
-        "Text,Who,Conv,Msg,Id,Prio\n"
-        "hi,t1,c1,m1,job-1,9\n"  # every field from the row
-        "   ,t1,c1,m2,job-2,9\n"  # blank content
-        "yo,,,,,\n"  # empty cells: the defaults
-        "yo,t1,c1,m4,job-4,eleven\n"  # bad priority
-        "yo,t1,c1,m5,job-1,2\n"  # an id already used
-        "short\n"  # cells missing at the end: defaults
-    ).encode()
+        b"Text,Who,Conv,Msg,Id,Prio\n"
+        b"hi,t1,c1,m1,job-1,9\n"  # every field from the row
+        b"   ,t1,c1,m2,job-2,9\n"  # blank content
+        b"yo,,,,,\n"  # empty cells: the defaults
+        b"yo,t1,c1,m4,job-4,eleven\n"  # bad priority
+        b"yo,t1,c1,m5,job-1,2\n"  # an id already used
+        b"short\n"  # cells missing at the end: defaults
+    )
     header, rows = read_csv(data)
     columns = parse_mapping(
         "content=Text,tenantId=Who,conversationId=Conv,messageId=Msg,id=Id,priority=Prio", header
     )
     out = list(
-        rows_to_jobs(header, rows, columns, batch="b", job_type="chat_response", tenant="d", priority=3)
+        rows_to_jobs(
+            header, rows, columns, batch="b", job_type="chat_response", tenant="d", priority=3
+        )
     )
     assert [(row, error) for row, _, error in out] == [
         (1, None),
@@ -568,7 +570,7 @@ async def test_a_changed_file_is_refused_unless_restarted(
     await run(FakeSubmitter())
     write_csv(source, [*MESSAGES, "one more"])
     fake = FakeSubmitter()
-    with pytest.raises(ConfigError, match="another batch|not of this one"):
+    with pytest.raises(ConfigError, match=r"another batch|not of this one"):
         await run(fake)
     assert fake.jobs == []
     with pytest.raises(ConfigError, match="not of this one"):
@@ -612,7 +614,7 @@ def cli() -> typer.Typer:
         ({"TRANSPORT": "nope"}, ["--mapping", "content=Message"], "TRANSPORT"),
     ],
 )
-def test_command_usage_errors_exit_2(
+def test_command_usage_errors_exit_2(  # noqa: PLR0917 - pytest fixtures
     cli: typer.Typer,
     source: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -632,3 +634,65 @@ def test_command_refuses_a_missing_file(cli: typer.Typer, tmp_path: Path) -> Non
         cli, ["batch", str(tmp_path / "missing.csv"), "--mapping", "content=x"]
     )
     assert result.exit_code == 2
+
+
+def test_command_exit_status_and_report(
+    cli: typer.Typer, source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """0 when every row completed, 1 when some failed, 130 when interrupted (the broker is
+    replaced by the fake submitter)."""
+    from chatprocessor import cli_batch
+
+    fake = FakeSubmitter(fail={"ok"})
+
+    async def with_fake(settings: Any, direct: bool, work: Any) -> Any:
+        return await work(fake)
+
+    monkeypatch.setattr(cli_batch, "_with_submitter", with_fake)
+    args = ["batch", str(source), "--mapping", MAPPING, "--tenant", "acme", "--concurrency", "1"]
+
+    failed = CliRunner().invoke(cli, args)
+    assert failed.exit_code == 1, failed.output
+    output = " ".join(failed.output.split())
+    assert "row 8 failed: over_budget: daily budget spent" in output
+    assert "--retry-failed" in output and "processed │ 7" in output
+    assert jsonl(tmp_path / "chats.results.jsonl")[0]["jobId"].endswith("-1")
+
+    fake = FakeSubmitter()
+    done = CliRunner().invoke(cli, [*args, "--retry-failed"])
+    assert done.exit_code == 0, done.output
+    assert [j["payload"]["content"] for j in fake.jobs] == ["ok"]
+
+    fake = FakeSubmitter(raise_after=(3, KeyboardInterrupt()), delay=0.0)
+    stopped = CliRunner().invoke(cli, [*args, "--restart"])
+    assert stopped.exit_code == 130, stopped.output
+    assert "interrupted: 3 of 8 rows done" in " ".join(stopped.output.split())
+    assert len(jsonl(tmp_path / "chats.results.jsonl")) == 3
+
+
+def test_a_torn_csv_record_is_done_again(tmp_path: Path) -> None:
+    """A CSV record cut inside a quoted multi-line answer is dropped, not misread."""
+    path = tmp_path / "results.csv"
+    store = ResultsFile(path, "b")
+    records = [result_record("b", n, f"b-{n}", response(job_for(n))) for n in (1, 2)]
+    records[1]["content"] = "line one\nline two"
+    store.rewrite(records)
+    text = path.read_text()
+    path.write_text(text[: text.index("line two")])  # killed inside row 2's answer
+    assert list(store.load()) == [1]
+    path.write_text(text + "garbage without a newline")
+    assert list(store.load()) == [1, 2]
+    path.write_text(text.replace("line one", '"broken"quote', 1))
+    with pytest.raises(ConfigError, match="not a results file"):
+        store.load()
+
+
+def job_for(row: int) -> dict[str, Any]:
+    return {
+        "id": f"b-{row}",
+        "tenantId": "t",
+        "conversationId": "c",
+        "messageId": f"m{row}",
+        "type": "sentiment_analysis",
+        "payload": {"content": "good"},
+    }
