@@ -246,10 +246,10 @@ def version() -> None:
 
 
 def _add_subcommands() -> None:
+    from chatprocessor.cli_batch import batch
     from chatprocessor.cli_db import app as db_app
     from chatprocessor.cli_dlq import app as dlq_app
     from chatprocessor.cli_rag import ingest, rag_app
-    from chatprocessor.cli_batch import batch
     from chatprocessor.cli_stream import cancel, chat
     from chatprocessor.cli_usage import usage
 
