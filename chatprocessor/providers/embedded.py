@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import json
 import os
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -84,6 +86,20 @@ def bundled_model_path() -> Path:
     finally:
         partial.unlink(missing_ok=True)
     return target
+
+
+def _grammar(fmt: str | dict[str, Any]) -> Any:
+    """A llama.cpp grammar for ``format``: any JSON ("json"), or JSON following a schema."""
+    return _compiled_grammar(fmt if isinstance(fmt, str) else json.dumps(fmt, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_grammar(fmt: str) -> Any:
+    from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+
+    if fmt == "json":
+        return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+    return LlamaGrammar.from_json_schema(fmt, verbose=False)
 
 
 def transcript(messages: list[ChatMessage]) -> str:
@@ -233,6 +249,8 @@ class EmbeddedProvider:
             try:
                 pieces: Iterator[dict[str, Any]] = llama.create_completion(
                     prompt,
+                    # Asked for JSON: a grammar makes the small model's output parse.
+                    grammar=_grammar(request.format) if request.format is not None else None,
                     max_tokens=max_tokens,
                     temperature=(
                         DEFAULT_TEMPERATURE if request.temperature is None else request.temperature

@@ -8,9 +8,11 @@ vectors, others unrelated ones (no meaning at all). The result is marked
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 from chatprocessor.providers.base import ChatRequest, Chunk, Embeddings
 
@@ -30,6 +32,32 @@ def mock_vector(text: str, dimensions: int = MOCK_DIMENSIONS) -> list[float]:
     return [v / norm for v in raw]
 
 
+def mock_json(schema: Mapping[str, Any]) -> Any:
+    """The simplest value a JSON schema accepts (first enum value, minimum, required keys), so
+    jobs asking for structured output (classifications) work with the mock provider."""
+    if "enum" in schema:
+        return schema["enum"][0]
+    if "const" in schema:
+        return schema["const"]
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = kind[0]
+    if kind == "object":
+        properties = schema.get("properties", {})
+        return {name: mock_json(properties.get(name, {})) for name in schema.get("required", [])}
+    if kind == "array":
+        return [mock_json(schema.get("items", {})) for _ in range(schema.get("minItems", 0))]
+    if kind in ("number", "integer"):
+        low, high = schema.get("minimum", 0), schema.get("maximum")
+        value = (low + high) / 2 if high is not None else low
+        return int(value) if kind == "integer" else value
+    if kind == "boolean":
+        return False
+    if kind == "null":
+        return None
+    return "mock"
+
+
 class MockProvider:
     name = "mock"
     default_model = "mock"
@@ -37,6 +65,10 @@ class MockProvider:
 
     def answer(self, request: ChatRequest) -> str:
         prompt = request.messages[-1].content if request.messages else ""
+        if isinstance(request.format, dict):  # structured output: the simplest valid answer
+            return json.dumps(mock_json(request.format))
+        if request.format == "json":
+            return json.dumps({"answer": f"[mock] You said: {prompt}"})
         return f"[mock] You said: {prompt}"
 
     async def chat(self, request: ChatRequest, *, stream: bool = False) -> AsyncIterator[Chunk]:

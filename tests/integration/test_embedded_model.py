@@ -82,3 +82,17 @@ def test_processes_starting_together_on_a_fresh_machine_share_one_intact_model(
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     assert digest == bundle.EXPECTED_SHA256
     assert [p.name for p in Path(path).parent.iterdir()] == [Path(path).name]  # no leftovers
+
+
+async def test_json_schema_output_is_constrained_by_a_grammar(provider: EmbeddedProvider) -> None:
+    """Seed 004's classification through the small base model: the grammar makes it valid."""
+    from chatprocessor.features.classify import SENTIMENTS, analysis_messages, analysis_schema
+    from chatprocessor.sanitize import sanitize
+
+    schema = analysis_schema()
+    request = ChatRequest(
+        analysis_messages("My parcel arrived broken!"), format=schema, max_tokens=120, temperature=0
+    )
+    [final] = [c async for c in provider.chat(request)]
+    value = await sanitize(final.delta, schema=schema)  # raises unless it follows the schema
+    assert value["sentiment"] in SENTIMENTS

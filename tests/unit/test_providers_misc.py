@@ -287,3 +287,16 @@ async def test_router_built_from_settings_falls_back_to_mock(
         await provider.close()
     assert chunks[-1].delta == "[mock] You said: hello brave new world"
     assert chunks[-1].model == "mock"
+
+
+async def test_mock_provider_answers_a_schema_with_a_valid_value() -> None:
+    """Classification jobs (seed 004) work end to end with PROVIDERS=mock."""
+    from chatprocessor.features.classify import analysis_schema
+    from chatprocessor.providers.mock import MockProvider
+    from chatprocessor.sanitize import sanitize
+
+    schema = analysis_schema(["billing", "other"])
+    request = ChatRequest([ChatMessage("user", "classify this")], format=schema)
+    [chunk] = [c async for c in MockProvider().chat(request)]
+    value = await sanitize(chunk.delta, schema=schema)
+    assert value == {"sentiment": "positive", "intent": "billing", "confidence": 0.5}
