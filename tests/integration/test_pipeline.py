@@ -416,8 +416,11 @@ async def test_high_priority_overtakes_a_batch_flood(database: str, tmp_path: Pa
                 await platform.send(request)
             await asyncio.sleep(0.1)  # the flood is being worked on
             urgent = job(tenant, "help now", priority=9)
+            answered_before = len(platform.order)
             await platform.answer(urgent)
-            position = platform.order.index(urgent["id"])
-            assert position <= 4, platform.order  # behind at most the calls already started
+            overtaken_by = platform.order.index(urgent["id"]) - answered_before
+            # Only the batch job holding the model (the batch lane has one slot) goes first.
+            assert overtaken_by <= 2, (answered_before, platform.order)  # one more in transit
+            assert answered_before < len(flood) - 5  # the flood was still waiting
             for request in flood:
                 await platform.wait(request["id"], timeout=30)
