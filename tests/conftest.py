@@ -104,3 +104,18 @@ async def amqp() -> AsyncIterator[object]:
         yield connection
     finally:
         await connection.close()
+
+
+@pytest.fixture
+async def database() -> AsyncIterator[str]:
+    """The URL of a fresh Postgres database (marker ``postgres``), dropped afterwards."""
+    import asyncpg
+
+    name = f"cp_test_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(POSTGRES_URL)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        yield POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()

@@ -29,7 +29,7 @@ from chatprocessor.cli import app as cli_app
 from chatprocessor.contracts.pipeline import ai_job
 from chatprocessor.core.retry import RetryPolicy, tier_name
 from chatprocessor.settings import Settings
-from tests.conftest import POSTGRES_URL, RABBITMQ_URL, REDIS_URL
+from tests.conftest import RABBITMQ_URL, REDIS_URL
 from tests.fakes.ollama import FakeOllama
 
 pytestmark = [
@@ -47,18 +47,6 @@ ANALYSIS = {
 }
 #: Per 1,000 tokens: the fake counts words, so a job's cost is easy to predict.
 PRICES = {"llama2": {"input": 1.0, "output": 2.0}}
-
-
-@pytest.fixture
-async def database() -> AsyncIterator[str]:
-    name = f"cp_test_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(POSTGRES_URL)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        yield POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 class Platform:

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from chatprocessor.events.cancel import send_cancel_redis
 from chatprocessor.settings import Settings
 from chatprocessor.stream_client import ask
 from chatprocessor.transports import build_transport
-from tests.conftest import POSTGRES_URL, REDIS_URL
+from tests.conftest import REDIS_URL
 from tests.fakes.ollama import FakeOllama, word_embedding
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.timeout(120)]
@@ -39,19 +38,6 @@ DOCUMENTS = {
     "aquarium.md": "# Aquarium\nChange a quarter of the water weekly and keep the nitrate below "
     "40 ppm for the fish.",
 }
-
-
-@pytest.fixture
-async def database() -> AsyncIterator[str]:
-    """A fresh Postgres database, dropped afterwards."""
-    name = f"cp_test_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(POSTGRES_URL)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        yield POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 def chats(fake: FakeOllama) -> list[dict[str, Any]]:
