@@ -1,21 +1,16 @@
 """Job metrics (seed 003): one ``llm_jobs`` row per job and its ``llm_messages``, for
 observability and dashboards, in the DATABASE_URL database.
 
-Recording must never slow or fail a job, so :class:`JobMetrics` only queues: a
-background task writes what arrived within ``batch_interval`` in one transaction
-of upserts, retries a failed batch a few times and then drops it with an error
-log. A redelivered job updates its row instead of adding one, and its messages
-are not written twice.
+Recording must never slow or fail a job, so :class:`JobMetrics` only queues: it is a
+:class:`~chatprocessor.stores.batch_writer.BatchWriter`, whose background task writes
+batches of upserts. A redelivered job updates its row instead of adding one, and its
+messages are not written twice.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import time
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -37,20 +32,12 @@ from sqlalchemy import (
     or_,
     select,
 )
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import (
-    CompileError,
-    DataError,
-    DBAPIError,
-    IntegrityError,
-    ProgrammingError,
-    StatementError,
-)
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from chatprocessor.core.errors import StoreUnavailable
-from chatprocessor.ops.metrics import JOB_METRICS_WRITES, labelled
-from chatprocessor.stores.database import DATABASE_ERRORS, migrate
+from chatprocessor.ops.metrics import JOB_METRICS_WRITES
+from chatprocessor.stores.batch_writer import MAX_QUEUE, RETRY_DELAYS, BatchWriter, insert_for
+from chatprocessor.stores.database import DATABASE_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -71,17 +58,6 @@ ACTIVE_STATUSES = ("queued", "running")
 ROLES = ("system", "user", "assistant")
 #: Length of identifier columns; longer values are cut (Postgres would refuse the row).
 ID_LENGTH = 200
-#: Records waiting to be written at most; beyond, the oldest are dropped.
-MAX_QUEUE = 10_000
-#: Records written in one transaction at most.
-MAX_BATCH = 500
-#: Pauses before the retries of a batch that failed (seconds); then it is dropped.
-RETRY_DELAYS = (0.5, 2.0, 5.0)
-#: Postgres SQLSTATE classes that refuse the data or the statement, not the connection:
-#: data exception, integrity violation, syntax or access, not supported, program limit.
-REFUSED_SQLSTATE_CLASSES = frozenset({"22", "23", "42", "0A", "54"})
-#: A repeated warning is logged at most once per this many seconds.
-LOG_EVERY = 30.0
 
 metadata = MetaData(
     naming_convention={
@@ -178,14 +154,13 @@ class MessageRecord:
 
 @dataclass(slots=True)
 class _Op:
-    seq: int
     record: JobRecord
     at: datetime
     #: None for started(); the job's messages for finished().
     messages: list[MessageRecord] | None
 
 
-class JobMetrics:
+class JobMetrics(BatchWriter[_Op]):
     """Records jobs in the database from a background task (see the module docstring)."""
 
     def __init__(
@@ -196,38 +171,20 @@ class JobMetrics:
         max_queue: int = MAX_QUEUE,
         retry_delays: Sequence[float] = RETRY_DELAYS,
     ) -> None:
-        self._engine = engine
-        self._batch_interval = batch_interval
-        self._max_queue = max_queue
-        self._retry_delays = tuple(retry_delays)
-        self._queue: deque[_Op] = deque()
-        self._enqueued = 0  # seq of the newest queued record
-        self._done = 0  # every record up to this seq is written or dropped
-        self._wake = asyncio.Event()
-        self._progress = asyncio.Condition()
-        self._task: asyncio.Task[None] | None = None
-        self._migrated = False
-        self._log = _RateLimitedLog(LOG_EVERY)
-
-    async def start(self) -> None:
-        """Bring the schema up to date and start the writer.
-
-        An unreachable database does not stop the service: the error is logged and
-        the writer migrates before its first write instead.
-        """
-        if self._task is not None:
-            return
-        try:
-            await migrate(self._engine)
-            self._migrated = True
-        except StoreUnavailable as exc:
-            log.error("job metrics: %s (records are queued and retried)", exc)
-        self._task = asyncio.create_task(self._run(), name="job-metrics-writer")
+        super().__init__(
+            engine,
+            label="job metrics",
+            writes=JOB_METRICS_WRITES,
+            logger=log,
+            batch_interval=batch_interval,
+            max_queue=max_queue,
+            retry_delays=retry_delays,
+        )
 
     def started(self, record: JobRecord) -> None:
         """The job began (status ``running`` unless given): queued, returns at once."""
         _check(record)
-        self._enqueue(_Op(0, _copy(record), datetime.now(UTC), None))
+        self._enqueue(_Op(_copy(record), datetime.now(UTC), None))
 
     def finished(self, record: JobRecord, messages: list[MessageRecord]) -> None:
         """The job ended with ``record.status``; ``messages`` are its conversation."""
@@ -238,28 +195,7 @@ class JobMetrics:
             if message.role not in ROLES:
                 raise ValueError(f"unknown message role {message.role!r}; expected one of {ROLES}")
         copied = [MessageRecord(m.role, m.content, m.tokens) for m in messages]
-        self._enqueue(_Op(0, _copy(record), datetime.now(UTC), copied))
-
-    async def flush(self) -> None:
-        """Wait until everything queued so far is written (or given up)."""
-        target = self._enqueued
-        if self._task is None or self._task.done():
-            return
-        async with self._progress:
-            await self._progress.wait_for(lambda: self._done >= target)
-
-    async def close(self, timeout: float = 30.0) -> None:
-        """Write what is queued (waiting at most ``timeout`` seconds), then dispose the engine."""
-        if self._task is not None:
-            try:
-                await asyncio.wait_for(self.flush(), timeout)
-            except TimeoutError:
-                log.error("job metrics: %d record(s) not written at shutdown", len(self._queue))
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        await self._engine.dispose()
+        self._enqueue(_Op(_copy(record), datetime.now(UTC), copied))
 
     async def get(self, job_id: str) -> dict[str, Any] | None:
         """The ``llm_jobs`` row of a job, or None."""
@@ -276,72 +212,13 @@ class JobMetrics:
         )
         return await _fetch(self._engine, query)
 
-    # The writer.
-
-    def _enqueue(self, op: _Op) -> None:
-        if len(self._queue) >= self._max_queue:
-            self._queue.popleft()
-            labelled(JOB_METRICS_WRITES, "dropped").inc()
-            self._log.warning(
-                "overflow", "job metrics: queue full (%d), oldest record dropped", self._max_queue
-            )
-        self._enqueued += 1
-        op.seq = self._enqueued
-        self._queue.append(op)
-        self._wake.set()
-
-    async def _run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            if self._batch_interval > 0:
-                await asyncio.sleep(self._batch_interval)  # let a batch gather
-            while self._queue:
-                size = min(len(self._queue), MAX_BATCH)
-                batch = [self._queue.popleft() for _ in range(size)]
-                try:
-                    await self._write_batch(batch, retry=True)
-                except Exception:  # a bug must not stop the writer (nor hang flush)
-                    log.exception("job metrics: %d record(s) dropped", len(batch))
-                    labelled(JOB_METRICS_WRITES, "dropped").inc(len(batch))
-                async with self._progress:
-                    self._done = batch[-1].seq
-                    self._progress.notify_all()
-
-    async def _write_batch(self, batch: list[_Op], *, retry: bool) -> None:
-        delays = (0.0, *self._retry_delays) if retry else (0.0,)
-        for delay in delays:
-            if delay:
-                await asyncio.sleep(delay)
-            try:
-                await self._write(batch)
-            except (*DATABASE_ERRORS, StoreUnavailable) as exc:
-                labelled(JOB_METRICS_WRITES, "failed").inc()
-                self._log.warning("failed", "job metrics: write failed: %s", _short(exc))
-                if not _permanent(exc):
-                    continue
-                if len(batch) > 1:  # one bad record must not sink the others
-                    for op in batch:
-                        await self._write_batch([op], retry=False)
-                    return
-                break
-            else:
-                labelled(JOB_METRICS_WRITES, "written").inc(len(batch))
-                return
-        labelled(JOB_METRICS_WRITES, "dropped").inc(len(batch))
-        self._log.error("dropped", "job metrics: %d record(s) dropped after errors", len(batch))
-
-    async def _write(self, batch: list[_Op]) -> None:
-        if not self._migrated:
-            await migrate(self._engine)
-            self._migrated = True
-        async with self._engine.begin() as connection:
-            for op in batch:
-                await _write_op(connection, op)
+    async def _write(self, connection: AsyncConnection, batch: list[_Op]) -> None:
+        for op in batch:
+            await _write_op(connection, op)
 
 
 async def _write_op(connection: AsyncConnection, op: _Op) -> None:
-    insert = _insert_for(connection.dialect.name)
+    insert = insert_for(connection.dialect.name)
     record = op.record
     finished = op.messages is not None
     row = asdict(record)
@@ -393,11 +270,6 @@ async def _write_op(connection: AsyncConnection, op: _Op) -> None:
         await connection.execute(messages, rows)
 
 
-def _insert_for(dialect: str) -> Callable[[Table], Any]:
-    """The dialect's INSERT, which knows ON CONFLICT."""
-    return postgresql.insert if dialect == "postgresql" else sqlite.insert
-
-
 async def recent_jobs(
     engine: AsyncEngine, *, session_id: str | None = None, limit: int = 20
 ) -> list[dict[str, Any]]:
@@ -439,46 +311,3 @@ def _copy(record: JobRecord) -> JobRecord:
 
 def _clip(value: str | None) -> str | None:
     return value[:ID_LENGTH] if value is not None else None
-
-
-def _permanent(exc: BaseException) -> bool:
-    """Whether the records themselves are refused, so trying them again cannot help."""
-    if isinstance(exc, DBAPIError):
-        if exc.connection_invalidated:
-            return False
-        sqlstate = getattr(exc.orig, "sqlstate", None)  # Postgres: the class says it all
-        if isinstance(sqlstate, str):
-            return sqlstate[:2] in REFUSED_SQLSTATE_CLASSES
-        return isinstance(exc, DataError | IntegrityError | ProgrammingError)
-    return isinstance(exc, StatementError | CompileError)
-
-
-def _short(exc: BaseException) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-
-
-class _RateLimitedLog:
-    """Logs each kind of message at most once per ``every`` seconds, saying how many
-    were held back: a database outage must not flood the log once per job."""
-
-    def __init__(self, every: float) -> None:
-        self._every = every
-        self._last: dict[str, float] = {}
-        self._held: dict[str, int] = {}
-
-    def warning(self, kind: str, message: str, *args: object) -> None:
-        self._emit(logging.WARNING, kind, message, args)
-
-    def error(self, kind: str, message: str, *args: object) -> None:
-        self._emit(logging.ERROR, kind, message, args)
-
-    def _emit(self, level: int, kind: str, message: str, args: tuple[object, ...]) -> None:
-        now = time.monotonic()
-        last = self._last.get(kind)
-        if last is not None and now - last < self._every:
-            self._held[kind] = self._held.get(kind, 0) + 1
-            return
-        self._last[kind] = now
-        held = self._held.pop(kind, 0)
-        suffix = f" ({held} more like this in the last {self._every:g} s)" if held else ""
-        log.log(level, message + suffix, *args)

@@ -4,17 +4,14 @@ default, Postgres for several machines).
 
 It is what ``chatprocessor usage`` reports from and what seeds the in-process budgets at
 start-up. Like the job metrics, recording must never slow or fail a job: :meth:`record`
-only queues, and a background task writes what arrived within ``batch_interval`` in one
-transaction, retries a failed batch a few times and then drops it with an error log. A
-job already in the ledger (a redelivery) is not written twice.
+only queues, and the background task of
+:class:`~chatprocessor.stores.batch_writer.BatchWriter` writes in batches. A job already
+in the ledger (a redelivery) is not written twice.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, time, timedelta
@@ -41,24 +38,15 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from chatprocessor.core.errors import StoreUnavailable
-from chatprocessor.ops.metrics import AI_USAGE_WRITES, labelled
-from chatprocessor.stores.database import DATABASE_ERRORS, migrate
+from chatprocessor.ops.metrics import AI_USAGE_WRITES
+from chatprocessor.stores.batch_writer import MAX_QUEUE, RETRY_DELAYS, BatchWriter, insert_for
+from chatprocessor.stores.database import DATABASE_ERRORS
 
-# The job metrics' helpers: the same batching rules, one migration history, one MetaData.
-from chatprocessor.stores.job_metrics import (
-    LOG_EVERY,
-    MAX_BATCH,
-    MAX_QUEUE,
-    RETRY_DELAYS,
-    _insert_for,
-    _permanent,
-    _RateLimitedLog,
-    _short,
-    metadata,
-)
+# One migration history, so one MetaData.
+from chatprocessor.stores.job_metrics import metadata
 
 log = logging.getLogger(__name__)
 
@@ -142,13 +130,7 @@ class UsageRow:
     currency: str
 
 
-@dataclass(slots=True)
-class _Op:
-    seq: int
-    record: UsageRecord
-
-
-class UsageLedger:
+class UsageLedger(BatchWriter[UsageRecord]):
     """Writes usage records from a background task and reports on them (see the module
     docstring)."""
 
@@ -160,77 +142,25 @@ class UsageLedger:
         max_queue: int = MAX_QUEUE,
         retry_delays: Sequence[float] = RETRY_DELAYS,
     ) -> None:
-        self._engine = engine
-        self._batch_interval = batch_interval
-        self._max_queue = max_queue
-        self._retry_delays = tuple(retry_delays)
-        self._queue: deque[_Op] = deque()
-        self._enqueued = 0  # seq of the newest queued record
-        self._done = 0  # every record up to this seq is written or dropped
-        self._wake = asyncio.Event()
-        self._closing = asyncio.Event()  # close() does not wait for a batch to gather
-        self._progress = asyncio.Condition()
-        self._task: asyncio.Task[None] | None = None
-        self._migrated = False
-        self._log = _RateLimitedLog(LOG_EVERY)
-
-    async def start(self) -> None:
-        """Bring the schema up to date and start the writer.
-
-        An unreachable database does not stop the service: the error is logged and the
-        writer migrates before its first write instead.
-        """
-        if self._task is not None:
-            return
-        self._closing.clear()
-        try:
-            await migrate(self._engine)
-            self._migrated = True
-        except StoreUnavailable as exc:
-            log.error("usage ledger: %s (records are queued and retried)", exc)
-        self._task = asyncio.create_task(self._run(), name="usage-ledger-writer")
+        super().__init__(
+            engine,
+            label="usage ledger",
+            writes=AI_USAGE_WRITES,
+            logger=log,
+            batch_interval=batch_interval,
+            max_queue=max_queue,
+            retry_delays=retry_delays,
+        )
 
     def record(self, record: UsageRecord) -> None:
         """Queue ``record`` for writing; never raises, never blocks."""
         try:
-            op = _Op(0, _normalized(record))
+            normalized = _normalized(record)
         except Exception:  # a bad record must not fail its job
             log.exception("usage ledger: record of job %r not queued", record.job_id)
-            labelled(AI_USAGE_WRITES, "dropped").inc()
+            self._count("dropped")
             return
-        if len(self._queue) >= self._max_queue:
-            self._queue.popleft()
-            labelled(AI_USAGE_WRITES, "dropped").inc()
-            self._log.warning(
-                "overflow", "usage ledger: queue full (%d), oldest record dropped", self._max_queue
-            )
-        self._enqueued += 1
-        op.seq = self._enqueued
-        self._queue.append(op)
-        self._wake.set()
-
-    async def flush(self) -> None:
-        """Wait until everything queued so far is written (or given up)."""
-        target = self._enqueued
-        if self._task is None or self._task.done():
-            return
-        async with self._progress:
-            await self._progress.wait_for(lambda: self._done >= target)
-
-    async def close(self, timeout: float = 30.0) -> None:
-        """Write what is queued (waiting at most ``timeout`` seconds), stop the writer and
-        dispose the engine."""
-        if self._task is not None:
-            self._closing.set()
-            try:
-                await asyncio.wait_for(self.flush(), timeout)
-            except TimeoutError:
-                log.error("usage ledger: %d record(s) not written at shutdown", len(self._queue))
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        await self._engine.dispose()
+        self._enqueue(normalized)
 
     async def report(
         self,
@@ -327,61 +257,13 @@ class UsageLedger:
         except DATABASE_ERRORS as exc:
             raise StoreUnavailable(f"cannot read the usage ledger: {exc}") from exc
 
-    # The writer.
-
-    async def _run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            if self._batch_interval > 0 and not self._closing.is_set():
-                with contextlib.suppress(TimeoutError):  # let a batch gather
-                    await asyncio.wait_for(self._closing.wait(), self._batch_interval)
-            while self._queue:
-                size = min(len(self._queue), MAX_BATCH)
-                batch = [self._queue.popleft() for _ in range(size)]
-                try:
-                    await self._write_batch(batch, retry=True)
-                except Exception:  # a bug must not stop the writer (nor hang flush)
-                    log.exception("usage ledger: %d record(s) dropped", len(batch))
-                    labelled(AI_USAGE_WRITES, "dropped").inc(len(batch))
-                async with self._progress:
-                    self._done = batch[-1].seq
-                    self._progress.notify_all()
-
-    async def _write_batch(self, batch: list[_Op], *, retry: bool) -> None:
-        delays = (0.0, *self._retry_delays) if retry else (0.0,)
-        for delay in delays:
-            if delay:
-                await asyncio.sleep(delay)
-            try:
-                await self._write(batch)
-            except (*DATABASE_ERRORS, StoreUnavailable) as exc:
-                labelled(AI_USAGE_WRITES, "failed").inc()
-                self._log.warning("failed", "usage ledger: write failed: %s", _short(exc))
-                if not _permanent(exc):
-                    continue
-                if len(batch) > 1:  # one bad record must not sink the others
-                    for op in batch:
-                        await self._write_batch([op], retry=False)
-                    return
-                break
-            else:
-                labelled(AI_USAGE_WRITES, "written").inc(len(batch))
-                return
-        labelled(AI_USAGE_WRITES, "dropped").inc(len(batch))
-        self._log.error("dropped", "usage ledger: %d record(s) dropped after errors", len(batch))
-
-    async def _write(self, batch: list[_Op]) -> None:
-        if not self._migrated:
-            await migrate(self._engine)
-            self._migrated = True
+    async def _write(self, connection: AsyncConnection, batch: list[UsageRecord]) -> None:
         rows: dict[str, dict[str, Any]] = {}
-        for op in batch:  # a job twice in one batch: the first record counts, as in the table
-            rows.setdefault(op.record.job_id, _row(op.record))
-        async with self._engine.begin() as connection:
-            insert = _insert_for(connection.dialect.name)
-            stmt = insert(ai_usage_logs).on_conflict_do_nothing(index_elements=["job_id"])
-            await connection.execute(stmt, list(rows.values()))
+        for record in batch:  # a job twice in one batch: the first record counts, as in the table
+            rows.setdefault(record.job_id, _row(record))
+        insert = insert_for(connection.dialect.name)
+        stmt = insert(ai_usage_logs).on_conflict_do_nothing(index_elements=["job_id"])
+        await connection.execute(stmt, list(rows.values()))
 
 
 def _normalized(record: UsageRecord) -> UsageRecord:
