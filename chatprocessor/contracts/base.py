@@ -17,6 +17,33 @@ def check_size(body: bytes, max_bytes: int) -> None:
         raise MessageTooLarge(f"message is {len(body)} bytes, over MAX_MESSAGE_BYTES={max_bytes}")
 
 
+#: Deepest nesting of objects and arrays accepted in a message (a bomb of brackets is refused
+#: before a schema walks it).
+MAX_JSON_DEPTH = 32
+
+
+def check_depth(data: Any, max_depth: int = MAX_JSON_DEPTH) -> None:
+    """Refuse JSON nested deeper than ``max_depth`` (MalformedMessage)."""
+    if _depth(data, max_depth) > max_depth:
+        raise MalformedMessage(f"JSON nested deeper than {max_depth} levels")
+
+
+def _depth(value: Any, limit: int) -> int:
+    """Nesting depth of objects and arrays in parsed JSON, stopping early once past ``limit``."""
+    stack = [(value, 1)]
+    deepest = 0
+    while stack:
+        node, level = stack.pop()
+        if not isinstance(node, dict | list):
+            continue
+        deepest = max(deepest, level)
+        if deepest > limit:
+            break
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
 def json_object(body: bytes) -> dict[str, Any]:
     """The body as a JSON object, or MalformedMessage saying what it is instead."""
     try:

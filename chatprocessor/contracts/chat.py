@@ -9,12 +9,18 @@ from __future__ import annotations
 import hashlib
 import uuid
 from datetime import UTC, datetime
-from typing import Any, Required, TypedDict
+from typing import Required, TypedDict
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
-from chatprocessor.contracts.base import check_size, json_object, peek_object, reasons
+from chatprocessor.contracts.base import (
+    check_depth,
+    check_size,
+    json_object,
+    peek_object,
+    reasons,
+)
 from chatprocessor.contracts.naming import Naming, any_case, rename
 from chatprocessor.core.errors import MalformedMessage
 from chatprocessor.core.job import Job, Result
@@ -22,7 +28,6 @@ from chatprocessor.core.job import Job, Result
 #: Namespace for reply ids, so a reply's message_id is a pure function of its request.
 REPLY_NAMESPACE = uuid.UUID("5b0c6f8e-4f6c-4b52-9a57-3f0a1f6c2d11")
 _NAMESPACE_BYTES = REPLY_NAMESPACE.bytes
-MAX_JSON_DEPTH = 32
 
 
 class ChatOptions(BaseModel):
@@ -81,22 +86,6 @@ def format_timestamp(moment: datetime) -> str:
     )
 
 
-def _depth(value: Any, limit: int) -> int:
-    """Nesting depth of objects and arrays in parsed JSON, stopping early once past ``limit``."""
-    stack = [(value, 1)]
-    deepest = 0
-    while stack:
-        node, level = stack.pop()
-        if not isinstance(node, dict | list):
-            continue
-        deepest = max(deepest, level)
-        if deepest > limit:
-            break
-        children = node.values() if isinstance(node, dict) else node
-        stack.extend((child, level + 1) for child in children)
-    return deepest
-
-
 def body_digest(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()[:32]
 
@@ -140,8 +129,7 @@ class ChatCodec:
         """Check size first, then JSON, then the schema; raise MessageRejected with the reason."""
         check_size(body, self.max_bytes)
         data = json_object(body)
-        if _depth(data, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
-            raise MalformedMessage(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        check_depth(data)
         try:
             prompt = UserPromptReceived.model_validate(data)
         except ValidationError as exc:

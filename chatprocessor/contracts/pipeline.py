@@ -30,8 +30,13 @@ from pydantic import (
     field_validator,
 )
 
-from chatprocessor.contracts.base import check_size, json_object, peek_object, reasons
-from chatprocessor.contracts.chat import MAX_JSON_DEPTH, _depth
+from chatprocessor.contracts.base import (
+    check_depth,
+    check_size,
+    json_object,
+    peek_object,
+    reasons,
+)
 from chatprocessor.contracts.naming import any_case, to_camel
 from chatprocessor.core.errors import MalformedMessage
 from chatprocessor.core.job import ChatMessage, Job, Result
@@ -248,8 +253,7 @@ class PipelineCodec:
         """Size first, then JSON, then the schema; MessageRejected saying why."""
         check_size(body, self.max_bytes)
         data = json_object(body)
-        if _depth(data, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
-            raise MalformedMessage(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        check_depth(data)
         try:
             request = AIJobMessage.model_validate(data)
         except ValidationError as exc:

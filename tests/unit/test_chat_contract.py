@@ -10,8 +10,8 @@ from typing import Any
 import orjson
 import pytest
 
+from chatprocessor.contracts.base import MAX_JSON_DEPTH
 from chatprocessor.contracts.chat import (
-    MAX_JSON_DEPTH,
     ChatCodec,
     format_timestamp,
     reply_message_id,

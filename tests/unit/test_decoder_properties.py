@@ -25,8 +25,8 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
+from chatprocessor.contracts.base import MAX_JSON_DEPTH
 from chatprocessor.contracts.chat import (
-    MAX_JSON_DEPTH,
     REPLY_NAMESPACE,
     ChatCodec,
     reply_message_id,
