@@ -11,6 +11,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -118,4 +119,39 @@ async def database() -> AsyncIterator[str]:
         yield POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def make_engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
+    """A factory of engines on one fresh database: a SQLite file, or a Postgres schema of this
+    test whose sessions run in a time zone far from UTC (stored days must still be UTC days)."""
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from chatprocessor.stores.database import create_engine, database_url
+
+    engines: list[AsyncEngine] = []
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    connect_args: dict[str, Any] = {}
+    if request.param == "sqlite":
+        url = database_url(f"sqlite:///{tmp_path / 'test.db'}", tmp_path)
+    else:
+        import asyncpg
+
+        url = database_url(POSTGRES_URL, tmp_path)
+        admin = await asyncpg.connect(POSTGRES_URL)
+        await admin.execute(f"CREATE SCHEMA {schema}")
+        connect_args = {"server_settings": {"search_path": schema, "TimeZone": "Asia/Tokyo"}}
+
+    def factory() -> AsyncEngine:
+        engines.append(create_engine(url, connect_args=connect_args))
+        return engines[-1]
+
+    factory.backend = request.param  # type: ignore[attr-defined]
+    factory.schema = schema  # type: ignore[attr-defined]
+    yield factory
+    for engine in engines:
+        await engine.dispose()
+    if request.param == "postgres":
+        await admin.execute(f"DROP SCHEMA {schema} CASCADE")
         await admin.close()

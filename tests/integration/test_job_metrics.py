@@ -43,36 +43,6 @@ pytestmark = pytest.mark.timeout(60)
 EngineFactory = Callable[[], AsyncEngine]
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-async def make_engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
-    """Engines on one fresh database: a SQLite file, or a Postgres schema of this test."""
-    engines: list[AsyncEngine] = []
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    connect_args: dict[str, Any] = {}
-    if request.param == "sqlite":
-        url = database_url(f"sqlite:///{tmp_path / 'metrics.db'}", tmp_path)
-    else:
-        import asyncpg
-
-        url = database_url(POSTGRES_URL, tmp_path)
-        admin = await asyncpg.connect(POSTGRES_URL)
-        await admin.execute(f"CREATE SCHEMA {schema}")
-        connect_args = {"server_settings": {"search_path": schema}}
-
-    def factory() -> AsyncEngine:
-        engines.append(create_engine(url, connect_args=connect_args))
-        return engines[-1]
-
-    factory.backend = request.param  # type: ignore[attr-defined]
-    factory.schema = schema  # type: ignore[attr-defined]
-    yield factory
-    for engine in engines:
-        await engine.dispose()
-    if request.param == "postgres":
-        await admin.execute(f"DROP SCHEMA {schema} CASCADE")
-        await admin.close()
-
-
 @pytest.fixture
 async def metrics(make_engine: EngineFactory) -> AsyncIterator[JobMetrics]:
     store = JobMetrics(make_engine(), batch_interval=0.01)

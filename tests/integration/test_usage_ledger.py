@@ -7,7 +7,6 @@ own, dropped afterwards).
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
@@ -30,43 +29,12 @@ from chatprocessor.stores.database import (
 )
 from chatprocessor.stores.job_metrics import metadata
 from chatprocessor.stores.usage_ledger import UsageLedger, UsageRecord, UsageRow, ai_usage_logs
-from tests.conftest import POSTGRES_URL
 
 pytestmark = pytest.mark.timeout(60)
 
 EngineFactory = Callable[[], AsyncEngine]
 DAY1 = datetime(2025, 3, 10, 9, 30, tzinfo=UTC)
 DAY2 = datetime(2025, 3, 11, 23, 59, 59, tzinfo=UTC)
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-async def make_engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
-    """Engines on one fresh database: a SQLite file, or a Postgres schema of this test."""
-    engines: list[AsyncEngine] = []
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    connect_args: dict[str, Any] = {}
-    if request.param == "sqlite":
-        url = database_url(f"sqlite:///{tmp_path / 'usage.db'}", tmp_path)
-    else:
-        import asyncpg
-
-        url = database_url(POSTGRES_URL, tmp_path)
-        admin = await asyncpg.connect(POSTGRES_URL)
-        await admin.execute(f"CREATE SCHEMA {schema}")
-        # A session time zone far from UTC: days must still be UTC days.
-        connect_args = {"server_settings": {"search_path": schema, "TimeZone": "Asia/Tokyo"}}
-
-    def factory() -> AsyncEngine:
-        engines.append(create_engine(url, connect_args=connect_args))
-        return engines[-1]
-
-    factory.backend = request.param  # type: ignore[attr-defined]
-    yield factory
-    for engine in engines:
-        await engine.dispose()
-    if request.param == "postgres":
-        await admin.execute(f"DROP SCHEMA {schema} CASCADE")
-        await admin.close()
 
 
 @pytest.fixture
