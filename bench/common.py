@@ -228,7 +228,7 @@ def bar_chart(
     ax.set_title(title)
     ax.set_ylabel(ylabel)
     ax.margins(y=0.15)
-    return _save(fig, path)
+    return save_chart(fig, path)
 
 
 def line_chart(
@@ -251,10 +251,11 @@ def line_chart(
     ax.set_xticks(list(xs))
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save_chart(fig, path)
 
 
-def _save(fig: Any, path: Path) -> Path:
+def save_chart(fig: Any, path: Path) -> Path:
+    """Lay out, write as a PNG (creating its folder), and free the figure."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -604,24 +605,34 @@ class Broker:
             await asyncio.sleep(0.05)
 
     async def publish(
-        self, queue: str, jobs: Sequence[Job], *, window: int = 500
+        self,
+        queue: str,
+        jobs: Sequence[Job] | Iterable[tuple[str, bytes]],
+        *,
+        reply_to: str | None = None,
+        priority: int | None = None,
+        window: int = 500,
     ) -> dict[str, float]:
-        """Publish persistent messages, ``window`` confirms outstanding at a time; return the
-        ``time.perf_counter()`` at which each was handed to the client, by job id."""
+        """Publish persistent messages (jobs, or ``(id, body)`` pairs), ``window`` confirms
+        outstanding at a time; return the ``time.perf_counter()`` at which each was handed to
+        the client, by job id."""
         import aio_pika
 
         sent: dict[str, float] = {}
         exchange = self.channel.default_exchange
         pending: set[asyncio.Future[Any]] = set()
         for job in jobs:
+            job_id, body = (job.id, job.body) if isinstance(job, Job) else job
             message = aio_pika.Message(
-                job.body,
-                message_id=job.id,
-                correlation_id=job.id,
+                body,
+                message_id=job_id,
+                correlation_id=job_id,
+                reply_to=reply_to,
+                priority=priority,
                 content_type="application/json",
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             )
-            sent[job.id] = time.perf_counter()
+            sent[job_id] = time.perf_counter()
             pending.add(asyncio.ensure_future(exchange.publish(message, queue)))
             if len(pending) >= window:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)

@@ -58,6 +58,7 @@ from bench.common import (
     percentile,
     pyplot,
     run_loop,
+    save_chart,
     scratch_dir,
     worker_env,
 )
@@ -645,11 +646,7 @@ def _chart(
     highest = max(max(stats[n][1], stats[n][2]) for n in names)
     right.set_ylim(0, max(highest, stats["direct"][1] + TTFT_SLACK_MS) * 1.4)
     right.legend(loc="upper center", ncol=2, fontsize="small")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_chart(fig, path)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ from bench.common import (
     pyplot,
     rate,
     run_in_process_worker,
+    save_chart,
     scratch_dir,
     start_fake_ollama,
     worker_env,
@@ -172,32 +173,8 @@ async def publish(
     priority: int | None,
     window: int = 500,
 ) -> dict[str, float]:
-    """Persistent, confirmed messages (``window`` confirms outstanding); the
-    ``time.perf_counter()`` at which each was handed to the client, by job id."""
-    import aio_pika
-
-    sent: dict[str, float] = {}
-    exchange = broker.channel.default_exchange
-    pending: set[asyncio.Future[Any]] = set()
-    for job_id, body in bodies:
-        message = aio_pika.Message(
-            body,
-            message_id=job_id,
-            correlation_id=job_id,
-            reply_to=reply_to,
-            priority=priority,
-            content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        )
-        sent[job_id] = time.perf_counter()
-        pending.add(asyncio.ensure_future(exchange.publish(message, queue)))
-        if len(pending) >= window:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for future in done:
-                future.result()
-    if pending:
-        await asyncio.gather(*pending)
-    return sent
+    """AIJobs to a lane, answers to ``reply_to`` (see Broker.publish)."""
+    return await broker.publish(queue, bodies, reply_to=reply_to, priority=priority, window=window)
 
 
 async def paced(
@@ -366,11 +343,7 @@ def _chart(path: Path, cases: Sequence[Case], goal: float) -> Path:
     ax.set_ylabel("high-priority job latency, ms (log)")
     ax.set_title("lanes: a chat job under a batch flood, one model slot")
     ax.legend(loc="upper left")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_chart(fig, path)
 
 
 async def run(options: Options) -> Outcome:

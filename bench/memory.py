@@ -38,6 +38,7 @@ from bench.common import (
     chatprocessor_process,
     make_jobs,
     pyplot,
+    save_chart,
     scratch_dir,
     start_fake_ollama,
     worker_env,
@@ -358,8 +359,4 @@ def _chart(path: Path, traces: Sequence[Trace]) -> Path:
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_chart(fig, path)

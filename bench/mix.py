@@ -55,6 +55,7 @@ from bench.common import (
     Target,
     percentile,
     pyplot,
+    save_chart,
     scratch_dir,
 )
 from bench.lanes import LaneQueues, delete_queues, publish, wait_lanes
@@ -963,8 +964,4 @@ def _chart(path: Path, m: Measured) -> Path:
     right.set_ylabel("publish -> AIResponse, ms (log)")
     right.set_title("latency per lane")
     right.legend()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_chart(fig, path)

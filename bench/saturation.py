@@ -33,6 +33,7 @@ from bench.common import (
     make_jobs,
     percentile,
     pyplot,
+    save_chart,
     scratch_dir,
     start_fake_ollama,
     worker_env,
@@ -102,11 +103,7 @@ def _chart(path: Path, collector: Collector, latencies: list[float], ideal: floa
     right.set_xlabel("seconds")
     right.legend()
     fig.suptitle(f"saturation: backend {SLOTS} slots x {LATENCY:g} s, prefetch {PREFETCH}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_chart(fig, path)
 
 
 async def run(options: Options) -> Outcome:
