@@ -162,6 +162,11 @@ class Worker:
         self._lanes = {lane.queue: lane for lane in config.all_lanes()}
         self._default_lane = config.all_lanes()[0]
 
+    @property
+    def sends_events(self) -> bool:
+        """Answers leave as events through the event sink (the stream door)."""
+        return self.codec.emits_events and self.events is not None
+
     # -- start-up ----------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -728,7 +733,7 @@ class Worker:
             max_tokens=job.max_tokens,
             format=job.format,
         )
-        events = self.codec.emits_events and self.events is not None
+        events = self.sends_events
         send = self._piece_sink(job, attempt, events)
         scope = self._cancel_scope(job) if events else None
         timeout = self.config.job_timeout
@@ -790,7 +795,7 @@ class Worker:
 
     async def send_whole(self, job: Job, attempt: int, text: str) -> None:
         """A streamed job answered without the model (a cache hit): its text as one piece."""
-        send = self._piece_sink(job, attempt, self.codec.emits_events and self.events is not None)
+        send = self._piece_sink(job, attempt, self.sends_events)
         if send is not None and text:
             await send(0, text)
 
@@ -864,7 +869,7 @@ class Worker:
 
     async def _publish_reply(self, job: Job, message: Outgoing) -> None:
         """Publish and wait for the confirm; the output queue is re-declared once if it vanished."""
-        if self.codec.emits_events and self.events is not None:
+        if self.codec.emits_events and self.events is not None:  # sends_events, narrowed
             await self.events.send(orjson.loads(message.body))
             return
         if job.reply_to:
@@ -891,9 +896,7 @@ class _Calls:
 
     @property
     def streaming(self) -> bool:
-        return self.job.stream or (
-            self.worker.codec.emits_events and self.worker.events is not None
-        )
+        return self.job.stream or self.worker.sends_events
 
     @property
     def remembers(self) -> bool:
