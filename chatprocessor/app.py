@@ -221,11 +221,10 @@ def build_governance(
 
 def build_usage_ledger(settings: Settings) -> UsageLedger:
     """ai_usage_logs in DATABASE_URL (SQLite in DATA_DIR by default)."""
-    from chatprocessor.stores.database import create_engine, database_url
+    from chatprocessor.stores.database import create_engine
     from chatprocessor.stores.usage_ledger import UsageLedger
 
-    url = database_url(settings.database_url, settings.data_dir.expanduser())
-    return UsageLedger(create_engine(url))
+    return UsageLedger(create_engine(settings.database))
 
 
 def build_budget(settings: Settings, transport: Transport) -> BudgetGuard:
@@ -325,11 +324,10 @@ def build_cancel_source(settings: Settings) -> CancelSource | None:
 
 def build_job_metrics(settings: Settings) -> JobMetrics:
     """llm_jobs / llm_messages in DATABASE_URL (SQLite in DATA_DIR by default)."""
-    from chatprocessor.stores.database import create_engine, database_url
+    from chatprocessor.stores.database import create_engine
     from chatprocessor.stores.job_metrics import JobMetrics
 
-    url = database_url(settings.database_url, settings.data_dir.expanduser())
-    return JobMetrics(create_engine(url))
+    return JobMetrics(create_engine(settings.database))
 
 
 def build_limiter(settings: Settings) -> RateLimiter | None:

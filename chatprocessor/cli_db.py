@@ -22,11 +22,11 @@ app = typer.Typer(
 
 def _with_engine(action: Callable[[AsyncEngine], Awaitable[T]]) -> T:
     from chatprocessor.cli import _fail, _run, _settings
-    from chatprocessor.stores.database import create_engine, database_url
+    from chatprocessor.stores.database import create_engine
 
     settings = _settings()
     try:
-        url = database_url(settings.database_url, settings.data_dir)
+        url = settings.database
     except ConfigError as exc:
         _fail(exc, 2)
 

@@ -370,6 +370,14 @@ class Settings(BaseSettings):
         )
 
     @property
+    def database(self) -> str:
+        """The SQLAlchemy URL of DATABASE_URL, or of the SQLite file in DATA_DIR when unset
+        (job metrics and the usage ledger)."""
+        from chatprocessor.stores.database import database_url
+
+        return database_url(self.database_url, self.data_dir.expanduser())
+
+    @property
     def uses_pipeline_contract(self) -> bool:
         return self.contract == "pipeline"
 

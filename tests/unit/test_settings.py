@@ -393,3 +393,15 @@ def test_kafka_speaks_the_models_contract_unless_told_otherwise() -> None:
     models_on_rabbitmq = Settings.load(transport="rabbitmq", contract="models")
     assert models_on_rabbitmq.input_queue == "eater-send-photo"
     assert not Settings.load().uses_models_contract
+
+
+def test_the_default_database_is_a_sqlite_file_in_the_expanded_data_dir(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Job metrics, the usage ledger and `chatprocessor db` all open this one URL."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    settings = Settings(data_dir=Path("~/cp"), log_file="")
+    assert "~" not in settings.database and str(tmp_path / "cp") in settings.database
+    assert Settings(database_url="postgresql://u@h/db", log_file="").database.startswith(
+        "postgresql+asyncpg://"
+    )
