@@ -162,28 +162,29 @@ class Governance:
     async def _generate(self, job: Job, calls: ModelCalls) -> Result:
         focus = CLASSIFY_TYPES.get(job.kind)
         if focus is not None:  # the classification is the answer
-            result, analysis = await self._classify(job, calls, focus)
-            result.analysis = analysis
-            result.text = orjson.dumps(analysis).decode()
-            return result
+            spent, labels = await self._classify(job, calls, focus)
+            spent.analysis = labels
+            spent.text = orjson.dumps(labels).decode()
+            return spent
         # The pipeline's chat types are conversations; other doors' kinds (tasks) stay theirs.
         chat_job = dataclasses.replace(job, kind="chat") if job.kind in CHAT_TYPES else job
         result = await calls.answer(chat_job)
-        if job.kind in CHAT_TYPES and result.status == "completed" and self._classifies(job):
+        if job.kind not in CHAT_TYPES:
+            return result
+        analysis: dict[str, Any] = {}
+        if result.status == "completed" and self._classifies(job):
             try:
                 extra, analysis = await self._classify(job, calls, "both", repair=False)
             except (InvalidModelOutput, ProviderError) as exc:
                 # The answer stands without its labels: a reply is worth more than a tag.
                 log.warning("could not classify the message (%s); replying without labels", exc)
-                analysis = {"suggestedActions": extract_actions(result.text)}
             else:
                 _add_tokens(result, extra)
-                analysis["suggestedActions"] = merge_actions(
-                    analysis.get("suggestedActions", []), extract_actions(result.text)
-                )
-            result.analysis = analysis
-        elif job.kind in CHAT_TYPES:
-            result.analysis = {"suggestedActions": extract_actions(result.text)}
+        # Suggested actions: the model's, then the list items of the answer itself.
+        analysis["suggestedActions"] = merge_actions(
+            analysis.get("suggestedActions", []), extract_actions(result.text)
+        )
+        result.analysis = analysis
         return result
 
     def _classifies(self, job: Job) -> bool:
